@@ -1,0 +1,3 @@
+"""Built-in adapter kinds. Importing this package registers them (see :mod:`graftr.registry`)."""
+
+from graftr.adapters import ia3  # noqa: F401

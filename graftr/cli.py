@@ -1,0 +1,200 @@
+"""The ``graftr`` command line.
+
+Every subcommand reports user errors (bad recipe, unknown model, adapter that does not fit) as one line on stderr
+and exits with status 2; a traceback means a bug in graftr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from graftr.errors import GraftrError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta"):
+    """Resolve the model id (flag, else the recipe's default) and build it without weights."""
+    from graftr.models import build_model, infer_task, resolve
+
+    model_id = model_arg or (recipe.model if recipe is not None else None)
+    if not model_id:
+        raise GraftrError("no model given: pass --model (a hub id, a model directory or a config.json)")
+    source = resolve(model_id)
+    if source.note:
+        out.print(f"[yellow]note:[/] {source.note}")
+    task = (recipe.task if recipe is not None else None) or infer_task(source.config)
+    num_labels = recipe.num_labels if recipe is not None else None
+    return source, build_model(source.config, task, device=device, num_labels=num_labels), task
+
+
+def cmd_apply(args) -> int:
+    from graftr import passes
+    from graftr.grafted import graft, prepare, summary
+    from graftr.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    t0 = time.perf_counter()
+    source, model, task = _load_base(args.model, recipe)
+    t_build = time.perf_counter()
+    gm = prepare(model, model_id=source.model_id, task=task)
+    t_trace = time.perf_counter()
+    out.print(f"[bold]{recipe.name}[/] on [bold]{source.model_id}[/] ({gm.hf_class}, task {task}): traced in "
+              f"{t_trace - t_build:.1f} s, {len(gm.site_index.linear)} linear and "
+              f"{len(gm.site_index.attention)} attention sites")
+    if args.dry_run:
+        plans = passes.match(gm.site_index, recipe)
+        table = Table(title="plan (dry run: matching only)")
+        for col in ("rule", "kind", "sites", "example paths"):
+            table.add_column(col)
+        for p in plans:
+            table.add_row(p.name, p.rule.adapter.kind, str(len(p.sites)), "\n".join(s.path for s in p.sites[:3]))
+        out.print(table)
+        return 0
+    gm = graft(gm, recipe)
+    s = summary(gm)
+    table = Table(title="adapters inserted")
+    for col, justify in (("rule", "left"), ("kind", "left"), ("sites", "right"), ("params added", "right"),
+                         ("example paths", "left")):
+        table.add_column(col, justify=justify)
+    for r in s["rules"]:
+        table.add_row(r["rule"], r["kind"], str(r["sites"]), _fmt(r["params"]), "\n".join(r["examples"]))
+    out.print(table)
+    out.print(f"trainable params: [bold]{_fmt(s['trainable'])}[/] / total: {_fmt(s['total'])} "
+              f"({s['percent']:.4f}%)   [dim]{time.perf_counter() - t0:.1f} s[/]")
+    if args.out:
+        from graftr.io import save_adapter
+
+        save_adapter(gm, args.out)
+        out.print(f"saved the initial adapter to {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from graftr.grafted import prepare
+    from graftr.selectors import compile_glob
+
+    source, model, task = _load_base(args.model)
+    gm = prepare(model, model_id=source.model_id, task=task)
+    try:
+        rx = compile_glob(args.filter) if args.filter else None
+    except ValueError as e:
+        raise GraftrError(f"--filter: {e}") from None
+    table = Table(title=f"sites of {source.model_id} ({gm.hf_class})")
+    for col in ("path", "class", "op", "shape", "layer"):
+        table.add_column(col)
+    rows = 0
+    for site in gm.site_index.all():
+        if (rx and not rx.fullmatch(site.path)) or (args.op and site.op != args.op):
+            continue
+        if site.op == "linear":
+            shape = f"{site.in_features} → {site.out_features}"
+        else:
+            shape = f"heads {site.num_heads}, kv {site.num_kv_heads}, head_dim {site.head_dim}"
+        table.add_row(site.path, site.module_class, site.op, shape, "" if site.layer is None else str(site.layer[1]))
+        rows += 1
+    if rows == 0:
+        raise GraftrError(f"no site matches --filter {args.filter!r}" + (f" and --op {args.op}" if args.op else ""))
+    out.print(table)
+    stacks = ", ".join(f"{k} ({v})" for k, v in gm.site_index.stack_sizes.items())
+    out.print(f"{rows} sites; layer stacks: {stacks or 'none'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from graftr.recipe import load_recipe
+
+    failures = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+        except GraftrError as e:
+            err.print(f"[red]✗[/] {e}", highlight=False, soft_wrap=True)
+            failures += 1
+            continue
+        out.print(f"[green]✓[/] {path}: {recipe.name} ({len(recipe.rules)} rules)")
+    return 2 if failures else 0
+
+
+def cmd_schema(args) -> int:
+    from graftr.recipe import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if args.out:
+        tmp = Path(args.out).with_suffix(Path(args.out).suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+        out.print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graftr", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("apply", help="trace a model, match a recipe and insert its adapters; print the plan")
+    p.add_argument("recipe")
+    p.add_argument("--model", help="hub id (local cache or bundled snapshot), model directory or config.json; "
+                                   "default: the recipe's `model`")
+    p.add_argument("--out", help="save the initial adapter to this directory")
+    p.add_argument("--dry-run", action="store_true", help="match only: show which sites each rule selects")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("inspect", help="list the sites a recipe can target (path, class, op, shape)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--filter", help="module path glob, e.g. 'model.layers.0.**'")
+    p.add_argument("--op", choices=("linear", "attention"))
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("validate", help="check recipes without building anything; report every error at once")
+    p.add_argument("recipes", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (for editor autocompletion)")
+    p.add_argument("--out", help="write it to this file instead of stdout")
+    p.set_defaults(func=cmd_schema)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Subcommands whose implementation lives in its own package (training, after-training tools)."""
+    try:
+        from graftr import train
+    except ImportError:
+        return
+    p = sub.add_parser("train", help="train a recipe's adapters with DeepSpeed (one process or many)")
+    train.add_arguments(p)
+    p.set_defaults(func=train.main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GraftrError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

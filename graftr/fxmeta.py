@@ -1,0 +1,87 @@
+"""The one place that reads ``node.meta``.
+
+``nn_module_stack`` and ``val`` differ in shape across tracers and torch versions (paths like
+``L['self'].model.layers[0]`` under dynamo, plain FQNs under non-strict export; classes as types or as dotted
+strings), so every pass goes through these helpers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import fx
+
+_DYNAMO_PATH = re.compile(r"^L\['self'\]\.?")
+_INDEX = re.compile(r"\[(\d+)\]")
+_GETATTR = re.compile(r"getattr\(\s*([^,]+?)\s*,\s*['\"]?(\w+)['\"]?\s*\)")
+
+
+def _clean_path(path: str) -> str:
+    path = _DYNAMO_PATH.sub("", path)
+    while "getattr(" in path:
+        path = _GETATTR.sub(r"\1.\2", path)
+    return _INDEX.sub(r".\1", path).strip(".")
+
+
+def _class_name(cls: Any) -> str:
+    if isinstance(cls, type):
+        return cls.__name__
+    return str(cls).rsplit(".", 1)[-1].strip("'>")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``[(module_path, class_name), ...]`` from the outermost to the innermost module the node was traced in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for value in stack.values():
+        path, cls = value if isinstance(value, tuple) else (value, "")
+        out.append((_clean_path(str(path)), _class_name(cls)))
+    return out
+
+
+def innermost(node: fx.Node) -> tuple[str, str] | None:
+    stack = module_stack(node)
+    return stack[-1] if stack else None
+
+
+def module_path(node: fx.Node) -> str | None:
+    inner = innermost(node)
+    return inner[0] if inner else None
+
+
+def val(node: fx.Node) -> Any:
+    """The traced example value (a FakeTensor for tensor nodes), or None."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def shape(node: fx.Node) -> tuple | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype(node: fx.Node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def last_dim(node: fx.Node) -> int | None:
+    s = shape(node)
+    if not s:
+        return None
+    d = s[-1]
+    return int(d) if not isinstance(d, torch.SymInt) else None
+
+
+def copy_meta(src: fx.Node, dst: fx.Node, **extra: Any) -> None:
+    """Give a created node the module stack of the node it stands in for, plus graftr provenance keys."""
+    for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    dst.meta.update(extra)
+
+
+# provenance keys set by graftr's passes
+MATCHED = "graftr_matched"  # on a site's anchor node: list of rule names that matched it (set by the match pass)
+RULE = "graftr_rule"  # on every node a rewrite inserted: the rule that made it

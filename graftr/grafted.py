@@ -1,0 +1,196 @@
+"""The grafted model: a traced HF model with adapters inserted, usable like the HF model it came from.
+
+:class:`GraftedModel` is a ``torch.fx.GraphModule`` whose parameters keep their HF names (adapter parameters are
+named ``<site path>.<rule name>.<param>``). Calling it takes the HF model's keyword arguments and returns the HF
+output type; ``labels`` are turned into a loss outside the graph with transformers' own loss functions, so one
+traced graph serves training and inference. ``.train()``/``.eval()`` switch every dropout, adapters' included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from graftr import passes, trace as tracing
+from graftr.errors import GraftrError, MergeError
+from graftr.sites import _boundary, find_sites
+
+_IGNORED_FLAGS = ("use_cache", "return_dict")
+_FALSE_ONLY = ("output_attentions", "output_hidden_states")
+
+
+class GraftedModel(fx.GraphModule):
+    """A traced HF model (optionally with adapters). Build it with :func:`graftr.graft` or :func:`prepare`."""
+
+    def recompile(self):
+        result = super().recompile()
+        cls = type(self)
+        cls._graph_forward = cls.forward  # the generated code
+        cls.forward = GraftedModel._hf_forward
+        return result
+
+    # ---- calling like the HF model -------------------------------------------------------------------------
+    def _hf_forward(self, labels: torch.Tensor | None = None, **kwargs: Any):
+        names = self.graftr_input_names
+        for flag in _FALSE_ONLY:
+            if kwargs.pop(flag, False):
+                raise GraftrError(f"{flag}=True is not supported by a grafted model (the graph returns logits only)")
+        for flag in _IGNORED_FLAGS:
+            kwargs.pop(flag, None)
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unknown}; "
+                            f"it takes {names} and labels")
+        if kwargs.get("input_ids") is None:
+            raise TypeError("input_ids is required")
+        ids = kwargs["input_ids"]
+        if "decoder_input_ids" in names and kwargs.get("decoder_input_ids") is None:
+            if labels is None:
+                raise TypeError("an encoder-decoder model needs decoder_input_ids or labels")
+            kwargs["decoder_input_ids"] = self._shift_right(labels)
+        for name in names:
+            if kwargs.get(name) is None:
+                like = kwargs["decoder_input_ids"] if name.startswith("decoder_") else ids
+                kwargs[name] = (torch.zeros_like(like) if name == "token_type_ids" else torch.ones_like(like))
+        out = self._graph_forward(**{n: kwargs[n] for n in names})
+        if labels is None:
+            return out
+        return type(out)(loss=self._loss(out, labels), **out)
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        cfg = self.hf_config
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, cfg.pad_token_id)
+
+    def _loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+        from transformers.loss.loss_utils import (ForCausalLMLoss, ForMaskedLMLoss, ForSequenceClassificationLoss,
+                                                  ForTokenClassification)
+
+        logits, cfg, task = out.logits, self.hf_config, self.task
+        vocab = logits.shape[-1]
+        if task == "causal_lm":
+            return ForCausalLMLoss(logits, labels, vocab_size=vocab)
+        if task == "masked_lm":
+            return ForMaskedLMLoss(logits, labels, vocab_size=vocab)
+        if task == "seq2seq_lm":
+            return nn.functional.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+        if task == "seq_cls":
+            return ForSequenceClassificationLoss(labels, logits, cfg)
+        if task == "token_cls":
+            return ForTokenClassification(logits, labels, cfg)
+        raise GraftrError(f"no loss is defined for task {task!r}")
+
+    # ---- parameters ----------------------------------------------------------------------------------------
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        return {t: self.get_submodule(t) for plan in self.plans for t in plan.targets}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors to save: adapter parameters and the recipe's trainable modules."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def trainable_counts(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    # ---- merging -------------------------------------------------------------------------------------------
+    def merge_(self) -> "GraftedModel":
+        """Fold every adapter into its site's base weights and remove it from the graph (in place).
+
+        Checks every site first and raises :class:`MergeError` before changing anything if one cannot be merged.
+        """
+        sites = [s for s in self.site_index.all() if s.adapters]
+        for site in sites:
+            if site.op != "linear":
+                raise MergeError(f"{site.path}: attention adapters cannot be merged into weights; "
+                                 "they add computation of their own")
+            branch_before = False
+            for target in site.adapters:
+                module = self.get_submodule(target)
+                module.check_merge()
+                if module.position == "input" and branch_before:
+                    raise MergeError(f"{site.path}: input scaling after a branch adapter on the same site cannot be "
+                                     "merged exactly (the branch reads the unscaled input)")
+                branch_before = branch_before or not module.is_scaling
+        with torch.no_grad():
+            for site in sites:
+                weight = self.get_parameter(site.weight)
+                bias = self.get_parameter(site.bias) if site.bias else None
+                w, b = weight.data, (bias.data if bias is not None else None)
+                for target in site.adapters:
+                    w, b = self.get_submodule(target).merge_into(w, b, site.layout)
+                weight.data.copy_(w)
+                if bias is not None:
+                    bias.data.copy_(b)
+        for site in sites:
+            for node in [n for n in self.graph.nodes if n.op == "call_module" and n.target in site.adapters]:
+                node.replace_all_uses_with(node.args[-1])  # an output adapter's y, an input adapter's x
+                self.graph.erase_node(node)
+            for target in site.adapters:
+                parent, name = target.rsplit(".", 1)
+                delattr(self.get_submodule(parent), name)
+            site.adapters.clear()
+            site.input, site.output = _boundary(site.nodes)
+        self.plans = []  # every adapter is folded in: the model is a plain base model again
+        self.graph.lint()
+        self.recompile()
+        return self
+
+
+def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None) -> GraftedModel:
+    """Trace ``model`` into a :class:`GraftedModel` with no adapters (parameters shared, not copied)."""
+    spec = tracing.trace_spec(model)
+    gm = tracing.to_graph_module(tracing.export(model, spec), cls=GraftedModel, class_name=f"Grafted{type(model).__name__}")
+    gm.graftr_input_names = list(spec.input_names)
+    gm.graftr_max_positions = spec.max_positions
+    gm.hf_config = model.config
+    gm.hf_class = type(model).__name__
+    if task is None:
+        from graftr.models import infer_task
+
+        task = infer_task(model.config)
+    gm.task = task
+    gm.model_id = model_id or getattr(model.config, "_name_or_path", "") or None
+    gm.recipe = None
+    gm.plans = []
+    gm.site_index = find_sites(gm)
+    return gm
+
+
+def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = None) -> GraftedModel:
+    """Trace (if needed), match the recipe's rules, insert their adapters and freeze everything else."""
+    from graftr.selectors import compile_glob  # noqa: F401
+
+    gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task=recipe.task)
+    if gm.recipe is not None:
+        raise GraftrError("this model is already grafted; graft the base model with one combined recipe")
+    plans = passes.rewrite(gm, passes.match(gm.site_index, recipe))
+    gm.recipe, gm.plans = recipe, plans
+    adapter_prefixes = tuple(t + "." for p in plans for t in p.targets)
+    globs = [compile_glob(g) for g in recipe.trainable_modules]
+    module_paths = [n for n, _ in gm.named_modules() if n]
+    unmatched = [g for g, rx in zip(recipe.trainable_modules, globs) if not any(rx.fullmatch(m) for m in module_paths)]
+    if unmatched:
+        raise GraftrError(f"trainable_modules {unmatched} match no module of {gm.hf_class}")
+    for name, p in gm.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        trainable = name.startswith(adapter_prefixes) or any(
+            rx.fullmatch(owner) or any(rx.fullmatch(owner.rsplit(".", k)[0]) for k in range(1, owner.count(".") + 1))
+            for rx in globs)
+        p.requires_grad_(bool(trainable))
+    return gm
+
+
+def summary(gm: GraftedModel) -> dict[str, Any]:
+    trainable, total = gm.trainable_counts()
+    return {
+        "rules": [{"rule": p.name, "kind": p.rule.adapter.kind, "sites": len(p.sites), "params": p.params_added,
+                   "examples": [s.path for s in p.sites[:3]]} for p in gm.plans],
+        "trainable": trainable,
+        "total": total,
+        "percent": 100.0 * trainable / total if total else math.nan,
+    }

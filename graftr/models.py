@@ -1,0 +1,214 @@
+"""Resolve a model argument to a config, and build or load the HF model for it.
+
+``resolve`` never touches the network: a model is a local directory, a ``config.json`` file, a hub id already in
+the local Hugging Face cache, or a hub id graftr ships a config snapshot for (``graftr/snapshots``), which gives
+the structure of a model (enough to trace, match and plan on the ``meta`` device) without its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub import snapshot_download
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+)
+
+from graftr.errors import GraftrError
+
+TASKS = ("causal_lm", "seq2seq_lm", "seq_cls", "token_cls", "masked_lm")
+
+AUTO_CLASSES = {
+    "causal_lm": AutoModelForCausalLM,
+    "seq2seq_lm": AutoModelForSeq2SeqLM,
+    "seq_cls": AutoModelForSequenceClassification,
+    "token_cls": AutoModelForTokenClassification,
+    "masked_lm": AutoModelForMaskedLM,
+}
+
+SNAPSHOT_DIR = Path(__file__).parent / "snapshots"
+
+# Architecture-name suffixes that name the task directly; generation heads depend on the family.
+_TASK_SUFFIXES = {
+    "ForCausalLM": "causal_lm",
+    "ForSequenceClassification": "seq_cls",
+    "ForTokenClassification": "token_cls",
+    "ForMaskedLM": "masked_lm",
+}
+_GENERATION_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel")
+
+# Families of bidirectional encoders, whose natural head is masked language modelling.
+_ENCODER_TYPES = frozenset({
+    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "mpnet",
+    "modernbert", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
+})
+
+# Files from_pretrained can take weights from.
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass
+class ModelSource:
+    """Where a model argument was found, and its config."""
+
+    model_id: str
+    config: PretrainedConfig
+    kind: Literal["dir", "cache", "config_file", "snapshot"]
+    directory: Path | None
+    note: str
+
+
+@cache
+def snapshots() -> dict[str, Path]:
+    """Bundled config snapshots: hub id (and short alias) → JSON file."""
+    found = {p.stem.replace("--", "/", 1): p for p in SNAPSHOT_DIR.glob("*--*.json")}
+    aliases = json.loads((SNAPSHOT_DIR / "aliases.json").read_text())
+    found.update({alias: SNAPSHOT_DIR / name for alias, name in aliases.items()})
+    return found
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_config(path: Path) -> PretrainedConfig:
+    """Load a config from a model directory or a ``config.json`` file, as a clear error if it is malformed."""
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GraftrError(f"cannot read the model config at {path}: {_first_line(e)}") from e
+
+
+def _from_cache(model_id: str, cache_dir: str | Path | None) -> Path | None:
+    """The snapshot directory of ``model_id`` in the local HF cache, or None (never downloads)."""
+    try:
+        directory = Path(snapshot_download(model_id, cache_dir=cache_dir, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError) or not a valid repo id (HFValidationError)
+        return None
+    return directory if (directory / "config.json").is_file() else None
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.endswith(".json") or model.count("/") > 1
+
+
+def resolve(model: str, *, cache_dir: str | Path | None = None) -> ModelSource:
+    """Find ``model``: a directory with config.json, a config.json file, a cached hub id, or a bundled snapshot."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GraftrError(f"{model} is a directory without a config.json; pass a model directory or a config.json")
+        return ModelSource(model, _read_config(path), "dir", path, f"using the local model directory {path}")
+    if path.is_file():
+        return ModelSource(model, _read_config(path), "config_file", None,
+                           f"using the config file {path} (structure only, no weights)")
+    directory = _from_cache(model, cache_dir)
+    if directory is not None:
+        return ModelSource(model, _read_config(directory), "cache", directory,
+                           f"using {model} from the local Hugging Face cache ({directory})")
+    snapshot = snapshots().get(model)
+    if snapshot is not None:
+        return ModelSource(model, _read_config(snapshot), "snapshot", None,
+                           f"no local copy of {model}; using graftr's bundled config snapshot "
+                           "(structure only, no weights)")
+    if _looks_like_path(model):
+        raise GraftrError(f"{model} does not exist; pass a model directory, a config.json or a hub id")
+    known = ", ".join(sorted(snapshots(), key=str.lower))
+    raise GraftrError(f"cannot find {model!r}: it is not in the local Hugging Face cache and graftr bundles no "
+                      f"snapshot of it (bundled: {known}); a model directory or a config.json path works too")
+
+
+def infer_task(config: PretrainedConfig) -> str:
+    """The task a config was made for, from its architecture name, else from its model family."""
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in _TASK_SUFFIXES.items():
+            if arch.endswith(suffix):
+                return task
+        if arch.endswith(_GENERATION_SUFFIXES):
+            return "seq2seq_lm" if encoder_decoder else "causal_lm"
+    if encoder_decoder:
+        return "seq2seq_lm"
+    if not getattr(config, "is_decoder", False) and config.model_type in _ENCODER_TYPES:
+        return "masked_lm"
+    return "causal_lm"
+
+
+def _model_class(config: PretrainedConfig, task: str) -> type[nn.Module]:
+    """The transformers class that builds ``task`` for this config, as a clear error if there is none."""
+    if task not in AUTO_CLASSES:
+        raise GraftrError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    mapping = AUTO_CLASSES[task]._model_mapping
+    if type(config) not in mapping:
+        raise GraftrError(f"transformers has no {task} model for {config.model_type!r} configs")
+    return mapping[type(config)]
+
+
+def _attn_implementation(model_class: type[nn.Module]) -> str:
+    """SDPA where the model supports it (so attention shows up as one op in the graph), else eager."""
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def _with_labels(config: PretrainedConfig, num_labels: int | None) -> PretrainedConfig:
+    """A copy of ``config`` (transformers writes dtype and attention choice into the config it builds from)."""
+    config = copy.deepcopy(config)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    return config
+
+
+def build_model(config: PretrainedConfig, task: str | None = None, *, device: str | torch.device = "meta",
+                dtype: torch.dtype | None = None, num_labels: int | None = None) -> nn.Module:
+    """Instantiate a randomly initialised model (fp32 unless ``dtype``) on ``device``; ``meta`` holds no memory."""
+    task = task or infer_task(config)
+    config = _with_labels(config, num_labels)
+    attn = _attn_implementation(_model_class(config, task))
+    with torch.device(device):
+        return AUTO_CLASSES[task].from_config(config, attn_implementation=attn, dtype=dtype or torch.float32)
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(any(directory.glob(pattern)) for pattern in _WEIGHT_PATTERNS)
+
+
+def load_model(source: ModelSource, task: str | None = None, *, dtype: torch.dtype | None = None,
+               num_labels: int | None = None) -> nn.Module:
+    """Load the real weights of ``source`` (fp32 unless ``dtype``) from its local directory."""
+    if source.directory is None or not _has_weights(source.directory):
+        raise GraftrError(f"only a config is available for {source.model_id}; pass a directory with weights")
+    task = task or infer_task(source.config)
+    config = _with_labels(source.config, num_labels)
+    model_class = _model_class(config, task)
+    try:
+        return AUTO_CLASSES[task].from_pretrained(
+            str(source.directory), config=config, local_files_only=True, dtype=dtype or torch.float32,
+            attn_implementation=_attn_implementation(model_class))
+    except (OSError, ValueError) as e:
+        raise GraftrError(
+            f"cannot load the weights of {source.model_id} from {source.directory}: {_first_line(e)}") from e
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer stored next to the model; a config-only source has none."""
+    if source.directory is None:
+        raise GraftrError(f"only a config is available for {source.model_id}; pass a directory with a tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GraftrError(
+            f"cannot load a tokenizer for {source.model_id} from {source.directory}: {_first_line(e)}") from e

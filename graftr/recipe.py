@@ -1,0 +1,310 @@
+"""The recipe: a YAML file naming where adapters go (``match``) and which ones (``adapter``).
+
+::
+
+    name: ia3_llama
+    rules:
+      - name: ia3_attn
+        match: {path: "model.layers.*.self_attn.{k_proj,v_proj}", layers: {last: 30}}
+        adapter: {kind: ia3}
+
+The type of ``adapter`` is the discriminated union over the adapter kinds registered when the recipe is
+validated (built-in ones, entry points and the modules in the recipe's ``imports:``). :class:`Rule` and
+:class:`Recipe` are therefore the static bases; :func:`recipe_model` builds the validating subclasses for the
+current registry. :func:`parse_recipe` reports every problem at once, each with its file, line and field.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      create_model, field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from graftr import registry
+from graftr.errors import GraftrError, MatchError, RecipeError
+from graftr.registry import AdapterConfig
+from graftr.selectors import LayerSelect, compile_glob
+
+Task = Literal["causal_lm", "seq2seq_lm", "seq_cls", "token_cls", "masked_lm"]
+_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_glob(pattern: str) -> str:
+    compile_glob(pattern)
+    return pattern
+
+
+Glob = Annotated[str, AfterValidator(_check_glob)]
+# A glob or a list of globs (OR-ed); always a list once validated.
+Globs = Annotated[list[Glob], BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
+ClassNames = Annotated[list[Annotated[str, Field(pattern=_IDENTIFIER)]],
+                       BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
+
+
+class Match(BaseModel):
+    """Which sites a rule selects. Every selector given must hold; ``layers`` and ``exclude`` only narrow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "anyOf": [{"required": ["path"]}, {"required": ["module_class"]}, {"required": ["op"]}]})
+
+    path: Annotated[Globs, Field(min_length=1)] | None = Field(None, description="module path globs, any may match")
+    module_class: Annotated[ClassNames, Field(min_length=1)] | None = Field(
+        None, description="module class names (exact), any may match")
+    op: Literal["linear", "attention"] | None = Field(None, description="the kind of site")
+    layers: LayerSelect | None = Field(None, description="layers of each stack; sites outside any stack are dropped")
+    exclude: Globs = Field([], description="module path globs; a site matching any is dropped")
+
+    _path: tuple[re.Pattern[str], ...] = PrivateAttr(())
+    _exclude: tuple[re.Pattern[str], ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _has_selector(self) -> Match:
+        if self.path is None and self.module_class is None and self.op is None:
+            raise ValueError("match needs at least one of path, module_class, op (layers and exclude only narrow)")
+        return self
+
+    def model_post_init(self, context: Any) -> None:
+        self._path = tuple(compile_glob(p) for p in self.path or ())
+        self._exclude = tuple(compile_glob(p) for p in self.exclude)
+
+    def accepts(self, site: Any, stack_sizes: dict[str, int]) -> bool:
+        """Whether ``site`` (with ``path``, ``module_class``, ``op``, ``layer``) is selected.
+
+        ``stack_sizes`` maps each layer-stack prefix to its number of layers. Raises :class:`MatchError` when
+        ``layers`` asks for more layers than the site's stack has.
+        """
+        if self.path is not None and not any(p.match(site.path) for p in self._path):
+            return False
+        if self.module_class is not None and site.module_class not in self.module_class:
+            return False
+        if self.op is not None and site.op != self.op:
+            return False
+        if any(p.match(site.path) for p in self._exclude):
+            return False
+        if self.layers is None:
+            return True
+        if site.layer is None:
+            return False
+        stack, index = site.layer
+        try:
+            return index in self.layers.resolve(stack_sizes[stack])
+        except ValueError as e:
+            raise MatchError(f"cannot select layers of {stack!r}: {e}") from None
+
+    def describe(self) -> str:
+        """A one-line summary: ``path=model.layers.*.self_attn.{k_proj,v_proj} op=linear layers=last 30``."""
+        parts = []
+        if self.path is not None:
+            parts.append("path=" + "|".join(self.path))
+        if self.module_class is not None:
+            parts.append("module_class=" + "|".join(self.module_class))
+        if self.op is not None:
+            parts.append(f"op={self.op}")
+        if self.layers is not None:
+            parts.append(f"layers={self.layers.describe()}")
+        if self.exclude:
+            parts.append("exclude=" + "|".join(self.exclude))
+        return " ".join(parts)
+
+
+class Rule(BaseModel):
+    """One rule: the sites it selects and the adapter attached to each. Validate through :func:`recipe_model`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_IDENTIFIER, description="identifier; the adapter's attribute name on each site")
+    description: str = ""
+    match: Match
+    adapter: AdapterConfig = Field(description="adapter config; `kind` picks one of the registered adapter kinds")
+
+
+class Recipe(BaseModel):
+    """A whole recipe. Validate through :func:`recipe_model` (or :func:`parse_recipe`), which knows the kinds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    model: str | None = Field(None, description="default model id or path")
+    task: Task | None = Field(None, description="the head to load the model with")
+    num_labels: int | None = Field(None, ge=1, description="labels of a seq_cls / token_cls head")
+    imports: list[Annotated[str, Field(pattern=_MODULE_NAME)]] = Field(
+        [], description="python modules imported before validation (they register user adapter kinds)")
+    trainable_modules: Globs = Field([], description="module path globs whose own parameters are trained too")
+    rules: list[Rule] = Field(min_length=1)
+    train: dict[str, Any] | None = None  # the training issue defines its schema (a TrainConfig model)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: list[Rule]) -> list[Rule]:
+        seen: dict[str, int] = {}
+        errors = []
+        for i, rule in enumerate(rules):
+            if rule.name in seen:
+                error = PydanticCustomError("duplicate_rule_name", "duplicate rule name '{name}' (also rules[{first}])",
+                                            {"name": rule.name, "first": seen[rule.name]})
+                errors.append(InitErrorDetails(type=error, loc=(i, "name"), input=rule.name))
+            seen.setdefault(rule.name, i)
+        if errors:  # pydantic prefixes these with the field's location, giving rules[i].name
+            raise ValidationError.from_exception_data("Recipe", errors)
+        return rules
+
+
+@functools.lru_cache(maxsize=1)
+def _build_model(version: int) -> type[Recipe]:
+    adapter = registry.adapter_union()
+    description = Rule.model_fields["adapter"].description
+    rule = create_model("Rule", __base__=Rule, __module__=__name__, adapter=(adapter, Field(description=description)))
+    return create_model("Recipe", __base__=Recipe, __module__=__name__, rules=(list[rule], Field(min_length=1)))
+
+
+def recipe_model() -> type[Recipe]:
+    """The :class:`Recipe` subclass validating against the adapter kinds registered now."""
+    return _build_model(registry.registry_version())
+
+
+def recipe_json_schema() -> dict:
+    """JSON Schema of the current recipe model (for editors)."""
+    return recipe_model().model_json_schema()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem raises one :class:`RecipeError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+    return parse_recipe(text, source=str(path))
+
+
+def _source_dir(source: str) -> list[str]:
+    folder = Path(source).parent
+    return [str(folder.resolve())] if Path(source).is_file() else []
+
+
+def parse_recipe(text: str, source: str = "<string>") -> Recipe:
+    """Validate a recipe's YAML text, after importing its ``imports:``.
+
+    Raises :class:`RecipeError` listing every problem, one per line, as ``source:line: location: message``.
+    """
+    root, data = _compose(text, source)
+    if data is None:
+        raise RecipeError(f"{source}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}:{root.start_mark.line + 1}: a recipe must be a mapping with name and rules, "
+                          f"got {type(data).__name__}")
+
+    problems = list(_duplicate_keys(root))  # (line, location, message)
+    imports = data.get("imports")
+    for i, module in enumerate(imports if isinstance(imports, list) else []):
+        if isinstance(module, str) and re.match(_MODULE_NAME, module):  # else validation reports it
+            try:
+                registry.import_modules([module], search=_source_dir(source))
+            except GraftrError as e:
+                problems.append((*_locate(root, ("imports", i)), str(e)))
+    try:
+        recipe = recipe_model().model_validate(data)
+    except ValidationError as e:
+        problems += [_problem(root, error) for error in e.errors()]
+    if problems:
+        raise RecipeError("\n".join(f"{source}:{line}: {where}: {message}" for line, where, message in sorted(
+            problems, key=lambda p: p[0])))
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML of the resolved recipe, every default written out; :func:`parse_recipe` reads it back equal."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML node tree (for line numbers) and the data built from it, in one parse."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            return root, loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        context = f" ({e.context})" if e.context and e.problem else ""
+        raise RecipeError(f"{source}{line}: invalid YAML: {e.problem or e.context}{context}") from None
+    except yaml.YAMLError as e:  # the reader's errors carry no line
+        raise RecipeError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _problem(root: yaml.Node, error: dict) -> tuple[int, str, str]:
+    """``(line, location, message)`` for one pydantic error."""
+    loc, message = tuple(error["loc"]), error["msg"]
+    if error["type"] == "value_error":
+        message = str(error["ctx"]["error"])
+    elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc += ("kind",)
+        tag = error["ctx"].get("tag")
+        what = f"unknown adapter kind {tag!r}" if tag is not None else "missing adapter kind"
+        message = f"{what}; registered kinds: {', '.join(sorted(registry.kinds()))}"
+    value = error["input"]
+    if isinstance(value, (str, int, float)) and error["type"] != "extra_forbidden" and repr(value) not in message:
+        message += f", got {value!r}"
+    return (*_locate(root, loc), message)
+
+
+def _locate(root: yaml.Node, loc: tuple) -> tuple[int, str]:
+    """The line of ``loc`` in the YAML tree and its display form ``rules[0].adapter.rank``.
+
+    Walks down as far as the tree goes: a missing key is shown but takes its parent's line; the tag a
+    discriminated union adds after ``adapter`` is skipped; locations inside a scalar end at the scalar.
+    """
+    node, line, where = root, root.start_mark.line, ""
+    for part in loc:
+        if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line, where = node.start_mark.line, f"{where}[{part}]"
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            break
+        keys = {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        if str(part) in keys:
+            key, node = keys[str(part)]
+            line, where = key.start_mark.line, f"{where}.{part}" if where else str(part)
+        elif "kind" in keys and keys["kind"][1].value == part:
+            continue  # the tag a discriminated union adds to the location
+        else:
+            where = f"{where}.{part}" if where else str(part)
+            break
+    return line + 1, where or "(top level)"
+
+
+def _duplicate_keys(node: yaml.Node, where: str = "", seen: set[int] | None = None):
+    """``(line, location, message)`` for every mapping key given twice (PyYAML would keep the last silently)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{where}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            child = f"{where}.{name}" if where else str(name)
+            if name in first_line:
+                yield key.start_mark.line + 1, child, f"duplicate key (first given on line {first_line[name]})"
+            first_line.setdefault(name, key.start_mark.line + 1)
+            yield from _duplicate_keys(value, child, seen)

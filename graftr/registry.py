@@ -1,0 +1,149 @@
+"""The one registry of adapter kinds.
+
+An adapter kind is a pydantic config class (``extra="forbid"``, with a ``kind: Literal["name"]`` field) plus the
+``nn.Module`` class it builds and the site ops it can attach to (``"linear"`` or ``"attention"``). The recipe
+schema is a discriminated union over the registered config classes, so a kind registered from a user's own
+package (imported by the recipe's ``imports:`` list or through the ``graftr.adapters`` entry-point group) is usable
+from YAML like a built-in one::
+
+    from typing import Literal
+    import graftr
+
+    class MyConfig(graftr.AdapterConfig):
+        kind: Literal["my_scale"] = "my_scale"
+        init: float = 1.0
+
+    @graftr.register_adapter(MyConfig, ops=("linear",))
+    class MyScale(graftr.LinearAdapter):
+        ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from graftr.errors import GraftrError
+
+SITE_OPS = ("linear", "attention")
+
+
+class AdapterConfig(BaseModel):
+    """Base of every adapter kind's config. Subclasses add ``kind: Literal["..."]`` and their options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    name: str
+    config_cls: type[AdapterConfig]
+    module_cls: type
+    ops: tuple[str, ...]
+
+
+_KINDS: dict[str, AdapterKind] = {}
+_VERSION = [0]  # bumped on every registration; the recipe model is rebuilt when it changes
+
+
+def _kind_name(config_cls: type[AdapterConfig]) -> str:
+    field = config_cls.model_fields.get("kind")
+    args = get_args(field.annotation) if field is not None else ()
+    if field is None or len(args) != 1 or not isinstance(args[0], str):
+        raise TypeError(f"{config_cls.__name__} needs a field `kind: Literal['<name>']`")
+    return args[0]
+
+
+def register_adapter(config_cls: type[AdapterConfig], *, ops: tuple[str, ...] | list[str]) -> Callable[[type], type]:
+    """Class decorator registering ``module_cls`` as the adapter kind configured by ``config_cls``.
+
+    Rejects a config class that does not forbid extra keys, an unknown op and a name already taken.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, AdapterConfig)):
+        raise TypeError("register_adapter needs a subclass of graftr.AdapterConfig")
+    if config_cls.model_config.get("extra") != "forbid":
+        raise TypeError(f"{config_cls.__name__} must keep extra='forbid' so unknown recipe keys are rejected")
+    name = _kind_name(config_cls)
+    bad = [op for op in ops if op not in SITE_OPS]
+    if not ops or bad:
+        raise TypeError(f"adapter kind {name!r}: ops must be a non-empty subset of {SITE_OPS}, got {tuple(ops)}")
+
+    def decorator(module_cls: type) -> type:
+        if name in _KINDS and _KINDS[name].module_cls is not module_cls:
+            raise ValueError(f"adapter kind {name!r} is already registered by {_KINDS[name].module_cls.__qualname__}")
+        _KINDS[name] = AdapterKind(name, config_cls, module_cls, tuple(ops))
+        module_cls.config_cls = config_cls
+        module_cls.kind = name
+        _VERSION[0] += 1
+        return module_cls
+
+    return decorator
+
+
+def _load_builtin() -> None:
+    import graftr.adapters  # noqa: F401  (registers the built-in kinds)
+
+
+_ENTRY_POINTS_LOADED = [False]
+
+
+def _load_entry_points() -> None:
+    if _ENTRY_POINTS_LOADED[0]:
+        return
+    _ENTRY_POINTS_LOADED[0] = True
+    for ep in importlib.metadata.entry_points(group="graftr.adapters"):
+        ep.load()
+
+
+def kinds() -> dict[str, AdapterKind]:
+    """All registered kinds, built-in ones and those from installed entry points."""
+    _load_builtin()
+    _load_entry_points()
+    return dict(_KINDS)
+
+
+def get_kind(name: str) -> AdapterKind:
+    known = kinds()
+    if name not in known:
+        raise GraftrError(f"unknown adapter kind {name!r}; registered kinds: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def registry_version() -> int:
+    kinds()
+    return _VERSION[0]
+
+
+def adapter_union() -> Any:
+    """The discriminated union over every registered config class (the type of a rule's ``adapter`` field)."""
+    classes = tuple(k.config_cls for k in kinds().values())
+    if len(classes) == 1:
+        return Annotated[classes[0], Field(discriminator="kind")]
+    return Annotated[Union[classes], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+def import_modules(names: list[str], search: list[str] | None = None) -> None:
+    """Import user modules named by a recipe's ``imports:`` so their kinds register.
+
+    ``search`` (the recipe's folder) and the working directory are tried after ``sys.path``, so a module file
+    sitting next to the recipe works without installing it.
+    """
+    extra = [d for d in [*(search or []), os.getcwd()] if d not in sys.path]
+    sys.path.extend(extra)
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise GraftrError(f"cannot import {name!r} (listed in the recipe's imports): {e}") from None
+            except Exception as e:  # the user's module raised while registering its kinds
+                raise GraftrError(f"importing {name!r} failed: {type(e).__name__}: {e}") from None
+    finally:
+        for d in extra:
+            sys.path.remove(d)

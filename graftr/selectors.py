@@ -1,0 +1,135 @@
+"""The two selector building blocks of a recipe rule: module-path globs and layer selection.
+
+A glob matches a whole dotted module path such as ``model.layers.3.self_attn.k_proj``:
+
+=========  ==========================================================================
+``*``      any run of characters except ``.`` (one component or part of one)
+``?``      one character except ``.``
+``**``     any number of whole components, zero included (``**.lm_head`` matches ``lm_head``)
+``{a,b}``  one of the alternatives (which may hold wildcards; no nesting)
+=========  ==========================================================================
+
+Everything else is literal, dots included.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+import string
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+_ALLOWED = frozenset(string.ascii_letters + string.digits + "_.*?{},-")
+
+
+@functools.lru_cache(maxsize=None)
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """Compile a module-path glob into a regex matching whole paths; a bad glob raises ``ValueError``."""
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"bad glob {pattern!r}: {reason}")
+
+    if not pattern:
+        raise ValueError("bad glob: the pattern is empty")
+    if any(c.isspace() for c in pattern):
+        raise bad("it contains whitespace")
+    others = sorted(set(pattern) - _ALLOWED)
+    if others:
+        raise bad(f"character {others[0]!r} is not allowed (use letters, digits, _ - . * ? and {{a,b}})")
+    if "***" in pattern:
+        raise bad("'***' is not a wildcard; use '*' within a component or '**' for any number of components")
+    _check_braces(pattern, bad)
+    pieces = re.split(r"\{([^{}]*)\}", pattern)  # odd pieces are the bodies of {...} groups
+    choices = [piece.split(",") if k % 2 else [piece] for k, piece in enumerate(pieces)]
+    if any("" in alternatives for alternatives in choices[1::2]):
+        raise bad("empty alternative in '{...}'")
+    regexes = [_translate("".join(expansion), bad) for expansion in itertools.product(*choices)]
+    return re.compile(r"\A(?:" + "|".join(regexes) + r")\Z")
+
+
+def _check_braces(pattern: str, bad) -> None:
+    """Braces must pair up without nesting, and commas only separate alternatives inside them."""
+    inside = False
+    for c in pattern:
+        if c == "{":
+            if inside:
+                raise bad("nested braces are not supported")
+            inside = True
+        elif c == "}":
+            if not inside:
+                raise bad("'}' without a matching '{'")
+            inside = False
+        elif c == "," and not inside:
+            raise bad("',' outside braces; write {a,b} or give a list of globs")
+    if inside:
+        raise bad("unclosed '{'")
+
+
+def _translate(glob: str, bad) -> str:
+    """Regex for one brace-free glob."""
+    components = glob.split(".")
+    if "" in components:
+        raise bad("leading, trailing or double '.'")
+    # '**.**' means the same as '**'
+    components = [c for k, c in enumerate(components) if not (c == "**" and k and components[k - 1] == "**")]
+    last = len(components) - 1
+    out = ""
+    for k, component in enumerate(components):
+        if component == "**":  # it carries the separators around it, so the next component adds none
+            out += ".*" if last == 0 else r"(?:.*\.)?" if k == 0 else r"(?:\..*)?" if k == last else r"\.(?:.*\.)?"
+        elif "**" in component:
+            raise bad("'**' must be a whole path component, as in 'model.**.k_proj'")
+        else:
+            sep = "" if k == 0 or components[k - 1] == "**" else r"\."
+            out += sep + "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in component)
+    return out
+
+
+class LayerSelect(BaseModel):
+    """Which layers of each layer stack a rule applies to: exactly one of ``first``, ``last``, ``indices``, ``range``.
+
+    Selection is per stack, so ``last: 2`` on T5 picks the last two encoder blocks and the last two decoder blocks.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    first: int | None = Field(None, ge=1, description="the first N layers")
+    last: int | None = Field(None, ge=1, description="the last N layers")
+    indices: list[int] | None = Field(None, min_length=1, description="layer indices; negative ones count from the end")
+    range: tuple[int, int] | None = Field(None, description="[start, stop): layers start, ..., stop - 1")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LayerSelect:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            given_text = ", ".join(given) or "none"
+            raise ValueError(f"layers takes exactly one of first, last, indices, range; got {given_text}")
+        if self.range is not None and not 0 <= self.range[0] < self.range[1]:
+            raise ValueError(f"layers range [start, stop) needs 0 <= start < stop, got {list(self.range)}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_given_form(self, handler) -> dict:
+        """Dump the one form given (``{last: 2}``), as a user writes it."""
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+    def describe(self) -> str:
+        """``last 30``, ``indices [0, 3, -1]``, ``range [2, 5)``, ..."""
+        if self.range is not None:
+            return f"range [{self.range[0]}, {self.range[1]})"
+        name = next(name for name in type(self).model_fields if getattr(self, name) is not None)
+        return f"{name} {getattr(self, name)}"
+
+    def resolve(self, n_layers: int) -> set[int]:
+        """The selected indices of a stack of ``n_layers`` layers; ``ValueError`` if the stack is too short."""
+        if self.indices is not None:
+            for i in self.indices:
+                if not -n_layers <= i < n_layers:
+                    raise ValueError(f"layer index {i} is out of range for a stack of {n_layers} layers")
+            return {i % n_layers for i in self.indices}
+        start, stop = self.range or ((0, self.first) if self.first else (n_layers - self.last, n_layers))
+        if start < 0 or stop > n_layers:
+            raise ValueError(f"{self.describe()} but the stack has only {n_layers} layers")
+        return set(range(start, stop))

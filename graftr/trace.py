@@ -1,0 +1,214 @@
+"""Trace a Hugging Face model into a torch.fx GraphModule with ``torch.export`` (non-strict).
+
+The graph keeps the HF parameter names (``model.layers.0.self_attn.q_proj.weight``), has dynamic batch and
+sequence dimensions bounded by the model's maximum positions, and works on the ``meta`` device, where tracing a
+7B structure takes seconds and no weight memory.
+
+Export bakes the module mode into the graph (``aten.dropout(x, p, True)``, SDPA's ``dropout_p``), and an
+exported module refuses ``.train()``/``.eval()``. :func:`normalize` therefore traces in training mode and turns
+every dropout into an ``nn.Dropout`` submodule and every SDPA call into an :class:`SDPA` submodule, so the mode
+switches exactly as on the HF model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.export import Dim
+
+from graftr import fxmeta
+from graftr.errors import GraftrError
+
+# Bounds of the dynamic dimensions. Tracing examples avoid 0 and 1, which export would specialise on.
+MAX_BATCH = 4096
+_EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8
+_DEFAULT_MAX_POSITIONS = 4096  # models with relative positions (T5) have no bound of their own
+_RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # their n_positions is a convention, not a limit
+
+
+class SDPA(nn.Module):
+    """``F.scaled_dot_product_attention`` with its dropout following ``self.training``, as in the HF module."""
+
+    def __init__(self, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 enable_gqa: bool = False):
+        super().__init__()
+        self.dropout_p, self.is_causal, self.scale, self.enable_gqa = dropout_p, is_causal, scale, enable_gqa
+
+    def forward(self, q, k, v, attn_mask=None):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa)
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}, is_causal={self.is_causal}, scale={self.scale}"
+
+
+@dataclass
+class TraceSpec:
+    """What the graph takes: tensor input names, which of them share the batch and which the decoder sequence dim."""
+
+    input_names: list[str]
+    max_positions: int
+    decoder_inputs: list[str] = field(default_factory=list)
+
+
+def max_positions(config) -> int:
+    """The longest sequence the model's position embeddings allow (RoBERTa-style offsets included)."""
+    if getattr(config, "model_type", "") in _RELATIVE_POSITIONS:
+        return _DEFAULT_MAX_POSITIONS
+    n = None
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        n = getattr(config, attr, None)
+        if isinstance(n, int) and n > 0:
+            break
+    if not isinstance(n, int) or n <= 0:
+        return _DEFAULT_MAX_POSITIONS
+    pad = getattr(config, "pad_token_id", None)
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and isinstance(pad, int):
+        n -= pad + 1  # positions start at padding_idx + 1
+    return n
+
+
+def trace_spec(model: nn.Module) -> TraceSpec:
+    """Choose the tensor inputs to trace with from the model's forward signature and config."""
+    params = inspect.signature(model.forward).parameters
+    config = model.config
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in params and getattr(config, "type_vocab_size", 0):
+        names.append("token_type_ids")
+    decoder = []
+    if getattr(config, "is_encoder_decoder", False):
+        decoder = ["decoder_input_ids", "decoder_attention_mask"]
+    missing = [n for n in names + decoder if n not in params]
+    if missing:
+        raise GraftrError(f"{type(model).__name__}.forward does not take {missing}; graftr traces text models")
+    return TraceSpec(names + decoder, max_positions(config), decoder)
+
+
+def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` the model (non-strict) in training mode with dynamic batch and sequence dims."""
+    spec = spec or trace_spec(model)
+    device = next(model.parameters()).device
+    seq_max = max(spec.max_positions, _EXAMPLE_SEQ + 1)
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    seq = Dim("seq", min=1, max=seq_max)
+    dec_seq = Dim("decoder_seq", min=1, max=seq_max)
+    kwargs, dynamic = {}, {}
+    vocab = max(2, int(getattr(model.config, "vocab_size", 2) or 2))
+    for name in spec.input_names:
+        if name.endswith("input_ids"):
+            t = torch.randint(0, min(vocab, 100), (_EXAMPLE_BATCH, _EXAMPLE_SEQ), device=device)
+        elif name == "token_type_ids":
+            t = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=device)
+        else:
+            t = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=device)
+        kwargs[name] = t
+        dynamic[name] = {0: batch, 1: dec_seq if name in spec.decoder_inputs else seq}
+    was_training = model.training
+    # No KV-cache objects in the graph. Submodules may hold their own config copy (T5's decoder stack does).
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    had_cache = {key: c.use_cache for key, c in configs.items()}
+    model.train()  # dropout nodes must exist in the graph; normalize() makes them follow the mode
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # torch raises many types here; the user needs the model name and the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraftrError(f"torch.export could not trace {type(model).__name__}: {first}") from e
+    finally:
+        model.train(was_training)
+        for key, c in configs.items():
+            c.use_cache = had_cache[key]
+
+
+def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
+    """Install ``module`` at ``path`` (creating empty parent containers) and return the target used."""
+    parent = gm
+    parts = path.split(".")
+    for p in parts[:-1]:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    name, i = parts[-1], 0
+    while hasattr(parent, name):
+        i += 1
+        name = f"{parts[-1]}_{i}"
+    parent.add_module(name, module)
+    return ".".join(parts[:-1] + [name])
+
+
+def install_module(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
+    return _install(gm, path, module)
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make baked-in mode-dependent ops follow ``.train()``/``.eval()``: dropout → ``nn.Dropout``, SDPA → :class:`SDPA`."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        owner = fxmeta.module_path(node) or ""
+        if node.target in (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default):
+            x, p, train = (list(node.args) + [None, None])[:3]
+            if not train or not p:
+                node.replace_all_uses_with(x)
+                graph.erase_node(node)
+                continue
+            cls = nn.Dropout if node.target == torch.ops.aten.dropout.default else nn.Dropout1d
+            inner = fxmeta.innermost(node)
+            path = owner if inner and inner[1] == "Dropout" else f"{owner}.dropout" if owner else "dropout"
+            target = _install(gm, path, cls(float(p)))
+            with graph.inserting_before(node):
+                new = graph.call_module(target, (x,))
+        elif node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+            bound = dict(zip(names, node.args))
+            bound.update(node.kwargs)
+            module = SDPA(float(bound.get("dropout_p") or 0.0), bool(bound.get("is_causal", False)),
+                          bound.get("scale"), bool(bound.get("enable_gqa", False)))
+            target = _install(gm, f"{owner}.sdpa" if owner else "sdpa", module)
+            with graph.inserting_before(node):
+                new = graph.call_module(target, (bound["query"], bound["key"], bound["value"], bound.get("attn_mask")))
+        else:
+            continue
+        fxmeta.copy_meta(node, new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def is_attention_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), SDPA)
+
+
+def to_graph_module(ep: torch.export.ExportedProgram, cls: type[fx.GraphModule] = fx.GraphModule,
+                    class_name: str = "GraphModule") -> fx.GraphModule:
+    """A plain (train/eval-able) GraphModule from an exported program, HF parameter names kept."""
+    unlifted = ep.module()
+    gm = cls(unlifted, unlifted.graph, class_name=class_name)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(unlifted, attr):
+            setattr(gm, attr, getattr(unlifted, attr))
+    return normalize(gm)
+
+
+def trace(model: nn.Module, spec: TraceSpec | None = None) -> fx.GraphModule:
+    """Export ``model`` and return the normalized GraphModule (parameters shared with ``model``, not copied)."""
+    spec = spec or trace_spec(model)
+    gm = to_graph_module(export(model, spec), class_name=type(model).__name__)
+    gm.graftr_input_names = list(spec.input_names)
+    gm.graftr_max_positions = spec.max_positions
+    return gm
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())
