@@ -1,0 +1,77 @@
+"""The command line: plans, inspection, validation, schema, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from zoo import tiny_config
+
+from graftr.cli import main
+
+
+@pytest.fixture
+def llama_config(tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_config("llama").save_pretrained(path)
+    return path / "config.json"
+
+
+def test_apply_prints_the_plan_and_saves(llama_config, tmp_path, capsys):
+    assert main(["apply", "recipes/ia3_llama.yaml", "--model", str(llama_config), "--out", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    assert "ia3_attn" in text and "ia3_ff" in text and "model.layers.0.self_attn.k_proj" in text
+    assert "trainable params: 192 /" in text  # 4 k/v sites × 32 + 2 down_proj sites × 64 inputs
+    assert (tmp_path / "a" / "adapter.safetensors").is_file()
+
+
+def test_apply_dry_run_matches_only(llama_config, capsys):
+    assert main(["apply", "recipes/ia3_llama.yaml", "--model", str(llama_config), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run" in text and "trainable params" not in text
+
+
+def test_inspect_lists_sites(llama_config, capsys):
+    assert main(["inspect", "--model", str(llama_config), "--filter", "model.layers.1.**", "--op", "linear"]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and "64 → 32" in text and "7 sites" in text
+
+
+def test_validate_and_schema(tmp_path, capsys):
+    assert main(["validate", "recipes/ia3_llama.yaml"]) == 0
+    assert main(["schema", "--out", str(tmp_path / "schema.json")]) == 0
+    schema = json.loads((tmp_path / "schema.json").read_text())
+    assert "ia3" in json.dumps(schema)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["apply", "missing.yaml", "--model", "x"], "recipe not found: missing.yaml"),
+    (["apply", "recipes/ia3_llama.yaml", "--model", "nobody/no-such-model"], "nobody/no-such-model"),
+    (["inspect", "--model", "meta-llama/Llama-2-7b-hf", "--filter", "model.{a"], "--filter: bad glob"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_recipe_reports_every_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrules:\n  - name: r\n    match: {path: 'a.{b'}\n    adapter: {kind: ia3, scal: input}\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:4: rules[0].match.path: bad glob" in err and f"{bad}:5: rules[0].adapter" in err
+
+
+def test_console_script_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "graftr.cli", "validate", "recipes/ia3_t5.yaml"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_apply_on_the_llama2_7b_structure_uses_no_weight_memory(capsys):
+    """The mission's own command shape on the bundled 7B snapshot: meta device, PEFT's IA³ count."""
+    assert main(["apply", "recipes/ia3_llama.yaml", "--model", "meta-llama/Llama-2-7b-hf"]) == 0
+    text = capsys.readouterr().out
+    assert "bundled config snapshot" in text
+    assert "trainable params: 614,400 / total: 6,739,030,016" in text

@@ -1,0 +1,35 @@
+"""Every shipped recipe validates and matches exactly the expected sites on tiny models of its architectures."""
+
+from pathlib import Path
+
+import pytest
+from zoo import tiny_model
+
+from graftr import graft
+from graftr.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+# recipe file -> {architecture: {rule: number of sites}} on the 2-layer tiny models of tests/zoo.py
+EXPECTED = {
+    "ia3_llama.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("llama", "mistral", "qwen2", "qwen3")},
+    "ia3_encoder.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("bert", "roberta")},
+    "ia3_t5.yaml": {"t5": {"ia3_attn": 12, "ia3_ff": 4}},
+}
+
+
+def test_every_shipped_recipe_validates_and_is_covered():
+    found = sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.yaml"))
+    assert found == sorted(EXPECTED), "add match counts for new recipes to EXPECTED"
+    for name in found:
+        recipe = load_recipe(RECIPES / name)
+        assert recipe.rules
+        first = (RECIPES / name).read_text().splitlines()[0]
+        assert first.startswith(f"# graftr ") and f"recipes/{name}" in first, f"{name}: opens with its command"
+
+
+@pytest.mark.parametrize("name,arch", [(n, a) for n, archs in EXPECTED.items() for a in archs])
+def test_exact_match_counts(name, arch):
+    recipe = load_recipe(RECIPES / name)
+    gm = graft(tiny_model(arch, task=recipe.task, num_labels=recipe.num_labels), recipe)
+    assert {p.name: len(p.sites) for p in gm.plans} == EXPECTED[name][arch]
