@@ -17,8 +17,8 @@ from rich.table import Table
 
 from graftr.errors import GraftrError
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # long paths and notes stay on one line (grep-able)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fmt(n: int) -> str:
