@@ -143,7 +143,8 @@ def cmd_schema(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graftr", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="graftr", description="graftr: trace a transformer, match a recipe, insert "
+                                     "adapters, train them with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("apply", help="trace a model, match a recipe and insert its adapters; print the plan")
@@ -172,15 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands implemented in their own modules: each module has add_arguments(parser) and main(args) -> int.
+COMMAND_MODULES = {
+    "train": ("graftr.train", "train a recipe's adapters with DeepSpeed (one process or many)"),
+    "merge": ("graftr.merge", "fold mergeable adapters into the base weights and write a plain HF model directory"),
+    "export": ("graftr.export", "write an adapter in another format (PEFT)"),
+    "generate": ("graftr.generate", "generate text with a grafted model"),
+    "eval": ("graftr.evaluate", "evaluate a grafted model on a dataset (loss/perplexity or accuracy)"),
+}
+
+
 def _add_optional_commands(sub) -> None:
-    """Subcommands whose implementation lives in its own package (training, after-training tools)."""
-    try:
-        from graftr import train
-    except ImportError:
-        return
-    p = sub.add_parser("train", help="train a recipe's adapters with DeepSpeed (one process or many)")
-    train.add_arguments(p)
-    p.set_defaults(func=train.main)
+    import importlib
+
+    for name, (module_name, help_text) in COMMAND_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
 
 
 def main(argv: list[str] | None = None) -> int:
