@@ -133,9 +133,19 @@ def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
         for name, param in expected.items():
             src = tensors[name]
             if param.is_meta:
-                param.data = src.to(param.dtype)
+                _materialize(gm, param, src.to(param.dtype))
             else:
                 param.copy_(src.to(dtype=param.dtype, device=param.device))
+
+
+def _materialize(gm, param, value: torch.Tensor) -> None:
+    """Replace a meta parameter by a real one under every name it is registered as (``param.data = value`` refuses
+    meta → cpu, and tracing leaves weak references that forbid ``torch.utils.swap_tensors``)."""
+    new = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+    for name, p in list(gm.named_parameters(remove_duplicate=False)):
+        if p is param:
+            owner, _, attr = name.rpartition(".")
+            gm.get_submodule(owner)._parameters[attr] = new
 
 
 def load_adapter(model, path):

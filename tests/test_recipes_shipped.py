@@ -15,6 +15,8 @@ EXPECTED = {
     "ia3_llama.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("llama", "mistral", "qwen2", "qwen3")},
     "ia3_encoder.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("bert", "roberta")},
     "ia3_t5.yaml": {"t5": {"ia3_attn": 12, "ia3_ff": 4}},
+    "ina_llama.yaml": {a: {"ina_qk": 4} for a in ("llama", "mistral", "qwen2", "qwen3")},
+    "ina_roberta.yaml": {"roberta": {"ina_qkv": 6}},
 }
 
 
