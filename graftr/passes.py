@@ -5,6 +5,14 @@ selected it, and returns the plan. A dry run is this step alone. ``rewrite`` the
 builds each adapter from its site, installs it as a submodule at ``<site path>.<rule name>`` (so its parameter
 names contain the site's module path) and inserts its nodes, tagging each with ``node.meta["graftr_rule"]``.
 The graph is linted after every rule; a failure names the rule.
+
+**Rule-level shared modules.** An adapter class may define ``shared_for_rule(config, sites, *, stack_size,
+device)`` (see :meth:`graftr.adapters.base.Adapter.shared_for_rule`) returning parameters that all the rule's
+sites use, such as the hypernetwork producing every layer's prompt. ``rewrite`` calls it once per layer stack the
+rule's sites are in, installs the module at ``<stack prefix>.<rule name>`` (``model.layers.llama_adapter_nl``;
+``<rule name>`` for sites outside any stack), records the path in ``RulePlan.shared`` and passes it to
+``from_site(..., shared=<path>)``. The per-site modules reach it through their own graph nodes (``call_module``),
+never as a child module, so its parameters appear once in ``named_parameters()`` and the state dict.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from torch import fx
 from graftr import fxmeta
 from graftr.errors import GraftrError, MatchError
 from graftr.registry import get_kind
-from graftr.sites import SiteIndex
+from graftr.sites import SiteIndex, stack_sizes
 from graftr.trace import install_module
 
 
@@ -27,11 +35,17 @@ class RulePlan:
     rule: object  # graftr.recipe.Rule
     sites: list
     params_added: int = 0
-    targets: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # the per-site adapter modules, one per site, in site order
+    shared: list[str] = field(default_factory=list)  # the rule's shared modules (one per layer stack), if any
 
     @property
     def name(self) -> str:
         return self.rule.name
+
+    @property
+    def modules(self) -> list[str]:
+        """Every module the rule installed: its shared modules, then the per-site ones."""
+        return [*self.shared, *self.targets]
 
 
 def _closest(rule, sites) -> str:
@@ -72,13 +86,35 @@ def _device_for(gm: fx.GraphModule, site) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+def _install_shared(gm: fx.GraphModule, plan: RulePlan, kind, sizes: dict[str, int]) -> dict[str | None, str]:
+    """Build and install the rule's shared module for each layer stack its sites are in: {stack prefix: path}."""
+    by_stack: dict[str | None, list] = {}
+    for site in plan.sites:
+        by_stack.setdefault(site.layer[0] if site.layer else None, []).append(site)
+    installed = {}
+    for stack, sites in by_stack.items():
+        module = kind.module_cls.shared_for_rule(plan.rule.adapter, sites, stack_size=sizes.get(stack),
+                                                 device=_device_for(gm, sites[0]))
+        if module is None:
+            continue
+        target = install_module(gm, f"{stack}.{plan.rule.name}" if stack else plan.rule.name, module)
+        installed[stack] = target
+        plan.shared.append(target)
+        plan.params_added += sum(p.numel() for p in module.parameters())
+    return installed
+
+
 def rewrite(gm: fx.GraphModule, plans: list[RulePlan]) -> list[RulePlan]:
     """Transform: insert every planned adapter, rule by rule, linting after each."""
+    sizes = stack_sizes(n for n, _ in gm.named_parameters())
     for plan in plans:
         kind = get_kind(plan.rule.adapter.kind)
         before = set(gm.graph.nodes)
+        shared = _install_shared(gm, plan, kind, sizes)
         for site in plan.sites:
-            module = kind.module_cls.from_site(plan.rule.adapter, site, device=_device_for(gm, site))
+            stack = site.layer[0] if site.layer else None
+            extra = {"shared": shared[stack]} if stack in shared else {}
+            module = kind.module_cls.from_site(plan.rule.adapter, site, device=_device_for(gm, site), **extra)
             target = install_module(gm, f"{site.path}.{plan.rule.name}", module)
             module.graft(gm.graph, site, target)
             site.adapters.append(target)

@@ -2,8 +2,10 @@
 
 A *linear site* is a module whose own graph nodes apply one weight matrix (``nn.Linear`` → ``aten.linear``,
 GPT-2's ``Conv1D`` → ``view/addmm/view``), seen from outside as one input node and one output node.
-An *attention site* is an attention op (``SDPA`` after :func:`graftr.trace.normalize`) with its query, key, value
-and mask inputs, the block's projections and its head geometry.
+An *attention site* is an attention computation with its query (after RoPE), key, value and mask, the block's
+projections and its head geometry: an ``SDPA`` call (after :func:`graftr.trace.normalize`), or the eager pattern
+``matmul(q, kᵀ) → scale → (softcap) → (+ mask/bias) → softmax → (dropout) → matmul(·, v)`` of models traced with
+eager attention (Gemma-2, with its score softcapping; any model built with ``attn_implementation="eager"``).
 
 Sites are found from the graph alone: ``nn_module_stack`` (read through :mod:`graftr.fxmeta`) tells which module
 each node belongs to, so no model code is re-implemented here.
@@ -11,12 +13,14 @@ each node belongs to, so no model code is re-implemented here.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+from torch.nn.modules.dropout import _DropoutNd
 
 from graftr import fxmeta
 from graftr.trace import SDPA
@@ -65,15 +69,55 @@ class LinearSite:
         return self.nodes[-1]
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The output features of a projection that belong to one role (q, k or v).
+
+    Features ``g * stride + r`` for every group ``g < groups`` and ``start <= r < stop``, in that order. A plain
+    projection is one group of all its features; GPT-2's ``c_attn`` ([q|k|v] on the last dim) gives the key
+    ``Rows(1, 3D, D, 2D)``; GPT-NeoX's ``query_key_value`` (per head [q,k,v], viewed as (..., H, 3·hd) and chunked)
+    gives the key ``Rows(H, 3·hd, hd, 2·hd)``.
+    """
+
+    groups: int
+    stride: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.groups * (self.stop - self.start)
+
+    def take(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The role's part of ``t`` along ``dim`` (the projection's output-feature axis of a weight, bias or output)."""
+        if self.groups == 1 and self.start == 0 and self.stop == self.stride == t.shape[dim]:
+            return t
+        dim = dim % t.dim()
+        grouped = t.unflatten(dim, (self.groups, self.stride)).narrow(dim + 1, self.start, self.stop - self.start)
+        return grouped.flatten(dim, dim + 1)
+
+
 @dataclass(eq=False)
 class AttentionSite:
+    """One attention computation, found either as an ``SDPA`` call (``form="sdpa"``) or as the eager pattern
+    ``matmul(q, kᵀ) → scale → (softcap) → (+ mask/bias) → softmax → (dropout) → matmul(·, v)`` (``form="eager"``).
+
+    ``query``/``key``/``value`` are the tensors the scores are computed from, (B, heads, T|S, hd), with positions
+    already applied (RoPE); the key and value may already be repeated to H heads (HF's ``repeat_kv``).
+    ``scale`` multiplies ``query · keyᵀ`` (1/√hd, Gemma-2's ``query_pre_attn_scalar**-0.5``, 1.0 for T5 and for
+    OPT, whose query is pre-scaled). ``output`` is the current (B, H, T, hd) attention output, before heads are
+    merged and ``o_proj`` applied. ``projections[role]`` and ``rows[role]`` give the linear site and output
+    features producing the query, key and value (for a fused projection ``projections["qkv"]``), see
+    :meth:`projection`.
+    """
+
     path: str
     module_class: str
-    node: fx.Node  # the attention op (call_module SDPA)
+    node: fx.Node  # the attention op: the SDPA call_module, or the eager pattern's second matmul
     query: fx.Node  # (B, H, T, hd), positions already applied
     key: fx.Node  # (B, H or Hkv, S, hd)
     value: fx.Node
-    mask: fx.Node | None
+    mask: fx.Node | None  # SDPA's attn_mask; eager: the one term added to the scores (None if none or several)
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -83,6 +127,10 @@ class AttentionSite:
     layer: tuple[str, int] | None = None
     output: fx.Node | None = None
     adapters: list[str] = field(default_factory=list)
+    form: str = "sdpa"  # "sdpa" or "eager"
+    scores: fx.Node | None = None  # eager: what softmax reads (scaled, capped, masked scores), (B, H, T, S)
+    softcap: float | None = None  # eager: scores = softcap · tanh(scores / softcap) before the mask (Gemma-2)
+    rows: dict[str, Rows] = field(default_factory=dict)  # "q", "k", "v" → output features of their projection
 
     @property
     def anchor(self) -> fx.Node:
@@ -91,6 +139,12 @@ class AttentionSite:
     def __post_init__(self):
         if self.output is None:
             self.output = self.node
+
+    def projection(self, role: str) -> tuple[LinearSite, Rows] | None:
+        """The linear site computing ``role`` ("q", "k" or "v") and which of its output features, if found."""
+        if role not in self.rows:
+            return None
+        return self.projections.get(role) or self.projections["qkv"], self.rows[role]
 
 
 def _nodes_by_module(graph: fx.Graph) -> dict[str, list[fx.Node]]:
@@ -172,28 +226,207 @@ def _projections(path: str, linear_by_path: dict[str, LinearSite]) -> dict[str, 
     return found
 
 
+# ---- how the query, key and value come out of their projections --------------------------------------------
+_A = torch.ops.aten
+_PASS_OPS = {_A.contiguous.default, _A.clone.default, _A.to.dtype, _A._to_copy.default, _A.alias.default}
+_VIEW_OPS = {_A.view.default, _A.reshape.default, _A._unsafe_view.default}
+_SPLIT_OPS = {_A.split.Tensor, _A.split_with_sizes.default, _A.chunk.default}
+
+
+def _last_dim(node: fx.Node, dim) -> bool:
+    shape = fxmeta.shape(node)
+    return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
+
+
+def _segments(node: fx.Node, rows: Rows) -> list[tuple[fx.Node, Rows]]:
+    """Follow a projection's output through layout ops to where it is cut into q/k/v parts on the feature axis.
+
+    At most one grouping view ((..., F) → (..., n, F/n)) followed by one cut (slice, split or chunk of the last
+    dim); transposes that keep the last dim and dtype casts pass through. Returns each part with its features.
+    """
+    out = []
+    whole = rows.start == 0 and rows.stop == rows.stride
+    for user in node.users:
+        t, args = user.target, user.args
+        if user.op != "call_function":
+            continue
+        if t in _PASS_OPS:
+            out += _segments(user, rows)
+        elif t in _VIEW_OPS or t in (_A.transpose.int,):
+            before, after = fxmeta.shape(node), fxmeta.shape(user)
+            if before is None or after is None or isinstance(after[-1], torch.SymInt):
+                continue
+            width = rows.stop - rows.start
+            if t == _A.transpose.int and not (_last_dim(node, args[1]) or _last_dim(node, args[2])):
+                out += _segments(user, rows)
+            elif t in _VIEW_OPS and int(after[-1]) == width:
+                out += _segments(user, rows)
+            elif t in _VIEW_OPS and whole and rows.groups == 1 and width % int(after[-1]) == 0:
+                n = width // int(after[-1])
+                out += _segments(user, Rows(n, width // n, 0, width // n))
+        elif not whole:
+            continue  # already cut: any further op (RoPE's halves, ...) is the part's own business
+        elif t == _A.slice.Tensor and _last_dim(node, args[1]):
+            begin, end = (list(args[2:4]) + [0, None])[:2]
+            width = rows.stop - rows.start
+            begin, end = max(0, begin or 0), min(width, width if end is None else end)
+            out.append((user, Rows(rows.groups, rows.stride, rows.start + begin, rows.start + end)))
+        elif t in _SPLIT_OPS and _last_dim(node, args[2] if len(args) > 2 else 0):
+            width = rows.stop - rows.start
+            if t == _A.chunk.default:
+                size = -(-width // args[1])
+                sizes = [min(size, width - i) for i in range(0, width, size)]
+            elif t == _A.split.Tensor:
+                sizes = [min(args[1], width - i) for i in range(0, width, args[1])]
+            else:
+                sizes = list(args[1])
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            for item in user.users:
+                if item.target is operator.getitem:
+                    i = item.args[1]
+                    out.append((item, Rows(rows.groups, rows.stride, rows.start + offsets[i],
+                                           rows.start + offsets[i] + sizes[i])))
+    return out
+
+
+def _reaches(start: fx.Node, goal: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether ``goal`` depends on ``start`` (only nodes between the two in graph order are visited)."""
+    limit, seen, todo = order[goal], {start}, [start]
+    while todo:
+        node = todo.pop()
+        if node is goal:
+            return True
+        for user in node.users:
+            if user not in seen and order.get(user, limit + 1) <= limit:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def _roles(projections: dict[str, LinearSite], goals: dict[str, fx.Node],
+           order: dict[fx.Node, int]) -> dict[str, Rows]:
+    """Which output features of which projection feed the query, key and value (checked on the graph)."""
+    rows: dict[str, Rows] = {}
+    for role, goal in goals.items():
+        site = projections.get(role)
+        if site is not None and _reaches(site.output, goal, order):
+            rows[role] = Rows(1, site.out_features, 0, site.out_features)
+    fused = projections.get("qkv")
+    if fused is not None and len(rows) < len(goals):
+        for part, part_rows in _segments(fused.output, Rows(1, fused.out_features, 0, fused.out_features)):
+            reached = [role for role, goal in goals.items() if _reaches(part, goal, order)]
+            if len(reached) == 1 and reached[0] not in rows:
+                rows[reached[0]] = part_rows
+    return rows
+
+
+# ---- the eager pattern -------------------------------------------------------------------------------------
+_MATMULS = {_A.matmul.default, _A.bmm.default}
+SOFTMAX_OPS = {_A.softmax.int, _A._softmax.default, _A._safe_softmax.default}
+_CASTS = {_A.to.dtype, _A._to_copy.default, _A.clone.default, _A.contiguous.default, _A.type_as.default}
+_ASSERT = _A._assert_tensor_metadata.default
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = [u for u in node.users if u.target != _ASSERT]
+    return users[0] if len(users) == 1 else None
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _eager_scores(first: fx.Node):
+    """From ``matmul(q, kᵀ)`` forward to the softmax: (softmax node, scale, softcap, additive terms) or None."""
+    scale, softcap, terms, node = 1.0, None, [], first
+    while True:
+        user = _only_user(node)
+        if user is None or user.op != "call_function":
+            return None
+        t, args = user.target, user.args
+        if t in SOFTMAX_OPS:
+            return (user, scale, softcap, terms) if args[0] is node and _last_dim(node, args[1]) else None
+        other = [a for a in args[:2] if a is not node]
+        if t in _CASTS:
+            pass
+        elif t in (_A.mul.Tensor, _A.div.Tensor) and len(other) == 1 and _is_scalar(other[0]):
+            cap = _only_user(user)
+            after = _only_user(cap) if cap is not None and cap.target == _A.tanh.default else None
+            if (t == _A.div.Tensor and after is not None and after.target == _A.mul.Tensor
+                    and other[0] in after.args):  # softcap · tanh(x / softcap)
+                softcap, user = float(other[0]), after
+            elif softcap is None:
+                scale = scale * other[0] if t == _A.mul.Tensor else scale / other[0]
+            else:
+                return None
+        elif t in (_A.add.Tensor, _A.masked_fill.Scalar, _A.masked_fill.Tensor) and len(other) == 1 \
+                and isinstance(other[0], fx.Node):  # a mask or a position bias
+            terms.append(other[0])
+        else:
+            return None
+        node = user
+
+
+def _eager_attention(gm: fx.GraphModule, first: fx.Node):
+    """The eager pattern starting at ``first`` (a 4-D matmul), or None: (q, k, v, softmax node, scale, softcap,
+    additive terms, output matmul)."""
+    if len(first.args) != 2 or len(fxmeta.shape(first) or ()) != 4:
+        return None
+    q, kt = first.args
+    if not (isinstance(kt, fx.Node) and kt.target == _A.transpose.int
+            and {a % 4 for a in kt.args[1:3] if isinstance(a, int)} == {2, 3}):
+        return None
+    found = _eager_scores(first)
+    if found is None:
+        return None
+    softmax, scale, softcap, terms = found
+    node = softmax
+    while (user := _only_user(node)) is not None:
+        if user.op == "call_function" and user.target in _MATMULS:
+            if user.args[0] is not node or len(fxmeta.shape(user) or ()) != 4:
+                return None
+            return q, kt.args[0], user.args[1], softmax, scale, softcap, terms, user
+        dropout = user.op == "call_module" and isinstance(gm.get_submodule(user.target), _DropoutNd)
+        if not (dropout or user.op == "call_function" and user.target in _CASTS):
+            return None
+        node = user
+    return None
+
+
 def find_attention_sites(gm: fx.GraphModule, linear_sites: list[LinearSite]) -> list[AttentionSite]:
     linear_by_path = {s.path: s for s in linear_sites}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), SDPA):
-            continue
         inner = fxmeta.innermost(node)
         if inner is None:
             continue
-        sdpa: SDPA = gm.get_submodule(node.target)
-        q, k, v, mask = (list(node.args) + [None])[:4]
+        extra = {}
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SDPA):
+            sdpa: SDPA = gm.get_submodule(node.target)
+            q, k, v, mask = (list(node.args) + [None])[:4]
+            scale = sdpa.scale
+            anchor = node
+        elif node.op == "call_function" and node.target in _MATMULS:
+            found = _eager_attention(gm, node)
+            if found is None:
+                continue
+            q, k, v, softmax, scale, softcap, terms, anchor = found
+            mask = terms[0] if len(terms) == 1 else None
+            inner = fxmeta.innermost(anchor)
+            extra = dict(form="eager", scores=softmax.args[0], softcap=softcap)
+        else:
+            continue
         qs, ks = fxmeta.shape(q), fxmeta.shape(k)
-        if not qs or not ks or len(qs) != 4:
+        if not qs or not ks or len(qs) != 4 or len(ks) != 4:
             continue
         heads, head_dim = int(qs[1]), int(qs[3])
         projections = _projections(inner[0], linear_by_path)
-        kv_heads = int(ks[1])
-        if "k" in projections:  # the key may already be repeated to H heads (repeat_kv); the projection is not
-            kv_heads = projections["k"].out_features // head_dim
-        scale = sdpa.scale if sdpa.scale is not None else head_dim ** -0.5
-        sites.append(AttentionSite(inner[0], inner[1], node, q, k, v, mask, heads, kv_heads, head_dim, float(scale),
-                                   projections, layer=layer_of(inner[0])))
+        rows = _roles(projections, {"q": q, "k": k, "v": v}, order)
+        kv_heads = rows["k"].size // head_dim if "k" in rows else int(ks[1])  # the key may be repeated to H heads
+        scale = scale if scale is not None else head_dim ** -0.5
+        sites.append(AttentionSite(inner[0], inner[1], anchor, q, k, v, mask, heads, kv_heads, head_dim, float(scale),
+                                   projections, layer=layer_of(inner[0]), rows=rows, **extra))
     return sites
 
 

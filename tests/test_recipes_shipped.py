@@ -17,7 +17,13 @@ EXPECTED = {
     "ia3_t5.yaml": {"t5": {"ia3_attn": 12, "ia3_ff": 4}},
     "ina_llama.yaml": {a: {"ina_qk": 4} for a in ("llama", "mistral", "qwen2", "qwen3")},
     "ina_roberta.yaml": {"roberta": {"ina_qkv": 6}},
+    # op: attention needs no module paths: the LLaMA-Adapter recipes fit every decoder family (32-layer tiny models)
+    "llama_adapter.yaml": {a: {"llama_adapter": 30} for a in ("llama", "qwen2", "gemma2")},
+    "llama_adapter_nonlinear.yaml": {"llama": {"llama_adapter_nl": 30}},
+    "minilm_sst2_ia3.yaml": {"bert": {"ia3_attn": 4, "ia3_ff": 2}},
 }
+# recipes that select layers by count ("last 30") run on tiny models with Llama-2-7B's depth
+LAYERS = {"llama_adapter.yaml": 32, "llama_adapter_nonlinear.yaml": 32}
 
 
 def test_every_shipped_recipe_validates_and_is_covered():
@@ -27,11 +33,12 @@ def test_every_shipped_recipe_validates_and_is_covered():
         recipe = load_recipe(RECIPES / name)
         assert recipe.rules
         first = (RECIPES / name).read_text().splitlines()[0]
-        assert first.startswith(f"# graftr ") and f"recipes/{name}" in first, f"{name}: opens with its command"
+        assert first.startswith("# graftr ") and f"recipes/{name}" in first, f"{name}: opens with its command"
 
 
 @pytest.mark.parametrize("name,arch", [(n, a) for n, archs in EXPECTED.items() for a in archs])
 def test_exact_match_counts(name, arch):
     recipe = load_recipe(RECIPES / name)
-    gm = graft(tiny_model(arch, task=recipe.task, num_labels=recipe.num_labels), recipe)
+    depth = {"num_hidden_layers": LAYERS[name]} if name in LAYERS else {}
+    gm = graft(tiny_model(arch, task=recipe.task, num_labels=recipe.num_labels, **depth), recipe)
     assert {p.name: len(p.sites) for p in gm.plans} == EXPECTED[name][arch]

@@ -2,3 +2,4 @@
 
 from graftr.adapters import ia3  # noqa: F401
 from graftr.adapters import ina  # noqa: F401
+from graftr.adapters import gated_prompt  # noqa: F401

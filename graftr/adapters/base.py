@@ -27,7 +27,17 @@ class Adapter(nn.Module):
 
     @classmethod
     def from_site(cls, config, site, *, device: torch.device) -> "Adapter":
+        """Build the module for one site (kinds with a shared module also take ``shared=<its module path>``)."""
         raise NotImplementedError
+
+    @classmethod
+    def shared_for_rule(cls, config, sites: list, *, stack_size: int | None, device: torch.device) -> nn.Module | None:
+        """Parameters shared by all of a rule's ``sites`` in one layer stack of ``stack_size`` layers, or None.
+
+        :func:`graftr.passes.rewrite` installs the module once per stack at ``<stack prefix>.<rule name>`` and
+        passes its path to :meth:`from_site`; the per-site modules reach it through graph nodes, never as a child.
+        """
+        return None
 
     def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
         """Insert this adapter's node(s) at ``site`` and update the site's current input/output."""

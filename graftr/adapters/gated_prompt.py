@@ -1,0 +1,279 @@
+"""Zero-init gated prompts on attention blocks: LLaMA-Adapter and non-linear prompts.
+
+* Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention",
+  https://arxiv.org/abs/2303.16199 — linear prompts, zero-initialised per-head tanh gates.
+* Diep et al., ICML 2025, "On Zero-Initialized Attention: Optimal Prompt and Gating Factor Estimation",
+  https://arxiv.org/abs/2502.03029 — the prompt produced by a shared hypernetwork (non-linear prompts).
+
+For each selected attention block with query ``Q`` (B, H, T, hd) *after* RoPE and attention output ``O_tok``::
+
+    K_p = k_proj(P_l),  V_p = v_proj(P_l)        the block's own frozen projections, bias included; no RoPE on K_p
+    S_p = Q · K_pᵀ · scale                         the block's scale (1/√hd; T5: 1; Gemma-2: query_pre_attn_scalar^-½)
+    O   = O_tok + gate · softmax(S_p) · V_p        separate softmax over the L prompt tokens (fp32), per head
+    y   = o_proj(O)                                the branch joins before o_proj
+
+Every token sees every prompt token. With GQA/MQA the prompt is projected to Hkv heads and repeated to H heads
+with the model's grouping (HF ``repeat_kv``: query head h uses key head h // (H/Hkv)). ``K_p``/``V_p`` are
+computed once per forward and broadcast over the batch. The projection weights enter the adapter's graph node as
+``get_attr`` inputs (no alias of a base parameter lives in the adapter), so other adapters on ``k_proj``/``v_proj``
+do not act on the prompt. The branch is computed in fp32 and cast to the attention output's dtype.
+
+Options (:class:`GatedPromptConfig`):
+
+* ``prompt``: ``linear`` — ``P_l ∈ R^{L×D}`` per site, N(0,1) (LLaMA-Adapter); ``hypernetwork`` and
+  ``shared_mlp`` — produced by one module shared by the rule's sites, see :mod:`graftr.adapters.prompts`.
+* ``gate``: ``per_head_tanh`` — ``tanh(g_h)``, ``g ∈ R^H`` zero init (the official LLaMA-Adapter training code);
+  ``scalar`` — one ``g`` per site, no tanh, zero init (HF PEFT ``AdaptionPrompt``); ``adapt`` — query-dependent
+  ``tanh(q_h · w_h)`` per head and token, ``w ∈ R^{H×hd}`` zero init, ``q`` the query *before* RoPE, taken from
+  the q projection's output split into heads (Diep et al.'s ``typ_gate=adapt``).
+* ``mode``: ``gated`` (above) or ``prefix`` — conventional prefix attention, the baseline of Diep et al.: ``K_p``,
+  ``V_p`` are prepended to the keys and values and join the tokens' softmax (same scale and softcap), visible to
+  every query, with no gate (so ``prefix`` is not the identity at init).
+
+Every gate starts at zero, so a ``gated`` model starts exactly equal to its base model.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import fx, nn
+
+from graftr import fxmeta
+from graftr.adapters.base import Adapter, _tag
+from graftr.adapters.prompts import Hypernetwork, SharedMLP
+from graftr.errors import GraftrError
+from graftr.registry import AdapterConfig, register_adapter
+from graftr.sites import SOFTMAX_OPS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EMBEDDING_DIM = {"hypernetwork": 64, "shared_mlp": 256}  # the official code's widths of E and of the table rows
+_GENERATOR_FIELDS = ("embedding_dim", "hidden", "activation")
+
+
+class GatedPromptConfig(AdapterConfig):
+    kind: Literal["gated_prompt"] = "gated_prompt"
+    length: int = Field(10, ge=1, description="L, prompt tokens per attention block")
+    prompt: Literal["linear", "hypernetwork", "shared_mlp"] = Field(
+        "linear", description="linear: a parameter per block; hypernetwork / shared_mlp: one generator per rule")
+    embedding_dim: int | None = Field(
+        None, ge=1, description="hypernetwork: width of the layer embedding E (default 64); shared_mlp: width of "
+        "the prompt table rows (default 256)")
+    hidden: int = Field(64, ge=0, description="hidden width h of the generator MLP; 0: one layer, σ(W2·x + b2)")
+    activation: Literal["relu", "leaky_relu", "gelu", "tanh", "sigmoid"] = Field(
+        "relu", description="σ of the generator MLP (leaky_relu has slope 0.1, as the official code)")
+    gate: Literal["per_head_tanh", "scalar", "adapt"] = Field(
+        "per_head_tanh", description="per_head_tanh: tanh(g_h); scalar: one g, no tanh (PEFT); adapt: tanh(q·w_h)")
+    mode: Literal["gated", "prefix"] = Field(
+        "gated", description="gated: separate softmax + zero-init gate; prefix: prompts join the tokens' softmax")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the parameters")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_embedding_dim(cls, data):
+        if isinstance(data, dict) and data.get("embedding_dim") is None and data.get("prompt") in _EMBEDDING_DIM:
+            data = {**data, "embedding_dim": _EMBEDDING_DIM[data["prompt"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _warn_unused(self) -> GatedPromptConfig:
+        """Options changed from their defaults that do nothing (a dumped recipe writes the defaults out)."""
+        fields = type(self).model_fields
+        changed = [f for f in (*_GENERATOR_FIELDS, "gate") if getattr(self, f) != fields[f].default]
+        unused = [f for f in changed if f != "gate"] if self.prompt == "linear" else []
+        if self.mode == "prefix" and "gate" in changed:
+            unused.append("gate")
+        if unused:
+            warnings.warn(f"gated_prompt: {', '.join(unused)} ha{'s' if len(unused) == 1 else 've'} no effect with "
+                          f"prompt {self.prompt!r} and mode {self.mode!r}", UserWarning, stacklevel=2)
+        return self
+
+
+def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``cat([prefix, x], dim=2)`` with ``prefix`` (heads, L, ·) broadcast over x's batch."""
+    return torch.cat([prefix.to(x.dtype).expand(x.shape[0], -1, -1, -1), x], dim=2)
+
+
+@register_adapter(GatedPromptConfig, ops=("attention",))
+class GatedPrompt(Adapter):
+    """The per-site module of ``gated_prompt`` (``mode: gated``): ``O_tok + gate · softmax(S_p) · V_p``."""
+
+    def __init__(self, site, config: GatedPromptConfig, device=None, shared: str | None = None):
+        super().__init__()
+        k, v = site.projection("k"), site.projection("v")
+        (k_site, self.k_rows), (v_site, self.v_rows) = k, v
+        self.k_layout, self.v_layout = k_site.layout, v_site.layout
+        self.k_params, self.v_params = (k_site.weight, k_site.bias), (v_site.weight, v_site.bias)
+        self.length, self.dim = config.length, k_site.in_features
+        self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
+        self.scale, self.softcap, self.form = site.scale, site.softcap, site.form
+        self.gate_kind = config.gate
+        self.shared, self.layer = shared, site.layer[1] if site.layer else None
+        dtype = DTYPES[config.dtype]
+        if shared is None:
+            self.prompt = nn.Parameter(torch.randn(config.length, self.dim, dtype=dtype, device=device))
+        if config.mode == "gated":
+            shape = {"per_head_tanh": (self.num_heads,), "scalar": (1,),
+                     "adapt": (self.num_heads, self.head_dim)}[config.gate]
+            self.gate = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        if config.gate == "adapt" and config.mode == "gated":
+            self.q_rows = site.projection("q")[1]
+
+    # ---- building -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check(site, config: GatedPromptConfig) -> None:
+        needed = ["k", "v"] + (["q"] if config.gate == "adapt" and config.mode == "gated" else [])
+        missing = [r for r in needed if site.projection(r) is None]
+        if missing:
+            raise GraftrError(f"gated_prompt: cannot find the {'/'.join(missing)} projection of the attention at "
+                              f"{site.path} ({site.module_class}); the prompt is projected with the block's own "
+                              "projections")
+        if site.num_heads % site.num_kv_heads:
+            raise GraftrError(f"gated_prompt: {site.path} has {site.num_heads} query heads for "
+                              f"{site.num_kv_heads} key/value heads")
+
+    @classmethod
+    def from_site(cls, config: GatedPromptConfig, site, *, device, shared: str | None = None) -> GatedPrompt:
+        cls._check(site, config)
+        return (PrefixPrompt if config.mode == "prefix" else GatedPrompt)(site, config, device, shared)
+
+    @classmethod
+    def shared_for_rule(cls, config: GatedPromptConfig, sites, *, stack_size, device) -> nn.Module | None:
+        if config.prompt == "linear":
+            return None
+        outside = [s.path for s in sites if s.layer is None]
+        if outside or stack_size is None:
+            raise GraftrError(f"gated_prompt: prompt {config.prompt!r} gives each layer of a stack its own prompt, "
+                              f"but {outside[0] if outside else sites[0].path} is not in a numbered layer stack")
+        for site in sites:
+            cls._check(site, config)
+        dims = {s.projection("k")[0].in_features for s in sites}
+        if len(dims) != 1:
+            raise GraftrError(f"gated_prompt: the rule's attention blocks take different widths {sorted(dims)}; "
+                              "one prompt generator needs one width")
+        options = (config.length, config.embedding_dim, config.hidden, config.activation, DTYPES[config.dtype], device)
+        if config.prompt == "hypernetwork":
+            return Hypernetwork(stack_size, dims.pop(), *options)
+        return SharedMLP(sorted({s.layer[1] for s in sites}), dims.pop(), *options)
+
+    # ---- graph ----------------------------------------------------------------------------------------------
+    def _inputs(self, graph: fx.Graph) -> list:
+        """Nodes for the k/v projection weights and biases, and the shared generator's prompt (or None)."""
+        attrs: dict[str, fx.Node] = {}
+
+        def attr(name):
+            if name is not None and name not in attrs:
+                attrs[name] = graph.get_attr(name)
+            return attrs.get(name)
+
+        nodes = [attr(self.k_params[0]), attr(self.k_params[1]), attr(self.v_params[0]), attr(self.v_params[1])]
+        return nodes + [graph.call_module(self.shared, (self.layer,)) if self.shared else None]
+
+    def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
+        old = site.output
+        q_out = site.projection("q")[0].output if self.gate_kind == "adapt" else None
+        with graph.inserting_before(old.next):
+            new = graph.call_module(target, (old, site.query, *self._inputs(graph), q_out))
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        _tag(new, old, target, type(self).__name__)
+        site.output = new
+        return [new]
+
+    # ---- math -----------------------------------------------------------------------------------------------
+    def prompt_kv(self, prompt, wk, bk, wv, bv) -> tuple[torch.Tensor, torch.Tensor]:
+        """``K_p``, ``V_p`` (Hkv, L, hd) in fp32 through the block's projections (Conv1D weights are (in, out))."""
+        p = prompt.float()
+        out = []
+        for w, b, rows, layout in ((wk, bk, self.k_rows, self.k_layout), (wv, bv, self.v_rows, self.v_layout)):
+            w = rows.take(w.t() if layout == "in_out" else w).float()
+            y = p @ w.t() + (rows.take(b).float() if b is not None else 0.0)
+            out.append(y.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1))
+        return out[0], out[1]
+
+    def _repeat(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """(Hkv, L, ·) → (heads, L, ·) grouped as HF's repeat_kv: head h reads key/value head h // (heads/Hkv)."""
+        return t.repeat_interleave(heads // t.shape[0], dim=0) if heads != t.shape[0] else t
+
+    def _gate(self, q_out) -> torch.Tensor:
+        g = self.gate.float()
+        if self.gate_kind == "scalar":
+            return g  # (1,), PEFT's adaption_gate: no tanh
+        if self.gate_kind == "per_head_tanh":
+            return torch.tanh(g).view(-1, 1, 1)
+        q = self.q_rows.take(q_out, -1).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return torch.tanh(q.float() @ g.unsqueeze(-1))  # (B, H, T, 1)
+
+    def forward(self, out, q, wk, bk, wv, bv, prompt=None, q_out=None):
+        keys, values = self.prompt_kv(self.prompt if prompt is None else prompt, wk, bk, wv, bv)
+        keys, values = self._repeat(keys, self.num_heads), self._repeat(values, self.num_heads)
+        probs = torch.softmax((q.float() @ keys.transpose(-1, -2)) * self.scale, dim=-1)  # (B, H, T, L)
+        return out + (self._gate(q_out) * (probs @ values)).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        prompt = f"shared={self.shared}" if self.shared else f"prompt=({self.length}, {self.dim})"
+        return (f"{prompt}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"scale={self.scale:g}" + (f", gate={self.gate_kind}" if hasattr(self, "gate") else ""))
+
+
+class PrefixPrompt(GatedPrompt):
+    """``mode: prefix``: ``K_p``/``V_p`` prepended to the keys and values; one softmax over prompts and tokens.
+
+    On an SDPA site the call's keys, values and mask are replaced (an ``is_causal`` call gets the explicit causal
+    mask, ``tril(ones(T, S))`` as SDPA builds it, extended by L visible prompt columns). On an eager site the
+    prompt scores (same scale and softcap as the tokens', no mask) are prepended to what softmax reads and the
+    prompt values to what the second matmul reads, so the model's own softmax and dropout act on the whole row.
+    """
+
+    causal = False  # set when the SDPA call was is_causal: the adapter then builds the causal mask
+
+    def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
+        eager = site.form == "eager"
+        replaced = (site.scores, site.value) if eager else (site.key, site.value, site.mask)
+        anchor = next(u for u in site.scores.users if u.target in SOFTMAX_OPS) if eager else site.node
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if eager and order[site.value] > order[anchor]:
+            raise GraftrError(f"gated_prompt (prefix): the values of {site.path} are computed after its softmax")
+        with graph.inserting_before(anchor):
+            inputs = (site.query, replaced[0], site.value, None if eager else site.mask)
+            new = graph.call_module(target, (*inputs, *self._inputs(graph)))
+            parts = [graph.call_function(operator.getitem, (new, i)) for i in range(len(replaced))]
+        _tag(new, site.node, target, type(self).__name__)
+        for key in ("val", "tensor_meta"):  # the module returns a tuple
+            new.meta.pop(key, None)
+        for part, like in zip(parts, replaced):
+            fxmeta.copy_meta(like if like is not None else site.node, part)
+        if eager:
+            site.scores.replace_all_uses_with(parts[0], delete_user_cb=lambda user: user is not new)
+            site.node.replace_input_with(site.value, parts[1])
+            site.scores, site.value = parts
+        else:
+            sdpa = graph.owning_module.get_submodule(site.node.target)
+            if sdpa.is_causal:
+                self.causal, sdpa.is_causal = True, False  # the causal mask is now explicit in the extended mask
+            site.node.args = (site.query, *parts)
+            site.key, site.value, site.mask = parts
+        return [new, *parts]
+
+    def forward(self, q, keys_or_scores, values, mask, wk, bk, wv, bv, prompt=None):
+        keys, vals = self.prompt_kv(self.prompt if prompt is None else prompt, wk, bk, wv, bv)
+        if self.form == "eager":  # keys_or_scores: the (B, H, T, S) scores softmax reads
+            scores = (q.float() @ self._repeat(keys, q.shape[1]).transpose(-1, -2)) * self.scale
+            if self.softcap is not None:
+                scores = self.softcap * torch.tanh(scores / self.softcap)
+            return (torch.cat([scores.to(keys_or_scores.dtype), keys_or_scores], dim=-1),
+                    _prepend(self._repeat(vals, values.shape[1]), values))
+        heads = keys_or_scores.shape[1]  # Hkv (SDPA's enable_gqa) or H (keys already repeated)
+        keys = _prepend(self._repeat(keys, heads), keys_or_scores)
+        values = _prepend(self._repeat(vals, heads), values)
+        if mask is None and self.causal:
+            t, s = q.shape[-2], keys_or_scores.shape[-2]
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            mask = mask.expand(*mask.shape[:-1], keys_or_scores.shape[-2])
+            visible = True if mask.dtype == torch.bool else 0.0
+            mask = torch.cat([mask.new_full((*mask.shape[:-1], self.length), visible), mask], dim=-1)
+        return keys, values, mask
