@@ -52,9 +52,11 @@ class GraftedModel(fx.GraphModule):
                 raise TypeError("an encoder-decoder model needs decoder_input_ids or labels")
             kwargs["decoder_input_ids"] = self._shift_right(labels)
         for name in names:
-            if kwargs.get(name) is None:
+            if kwargs.get(name) is None and name != "position_ids":
                 like = kwargs["decoder_input_ids"] if name.startswith("decoder_") else ids
                 kwargs[name] = (torch.zeros_like(like) if name == "token_type_ids" else torch.ones_like(like))
+        if "position_ids" in names and kwargs.get("position_ids") is None:  # what the HF forward would use
+            kwargs["position_ids"] = tracing.default_position_ids(self.graftr_position_ids, kwargs["attention_mask"])
         out = self._graph_forward(**{n: kwargs[n] for n in names})
         if labels is None:
             return out
@@ -87,7 +89,7 @@ class GraftedModel(fx.GraphModule):
 
     # ---- parameters ----------------------------------------------------------------------------------------
     def adapter_modules(self) -> dict[str, nn.Module]:
-        return {t: self.get_submodule(t) for plan in self.plans for t in plan.targets}
+        return {t: self.get_submodule(t) for plan in self.plans for t in plan.modules}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors to save: adapter parameters and the recipe's trainable modules."""
@@ -147,6 +149,7 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
     gm = tracing.to_graph_module(tracing.export(model, spec), cls=GraftedModel, class_name=f"Grafted{type(model).__name__}")
     gm.graftr_input_names = list(spec.input_names)
     gm.graftr_max_positions = spec.max_positions
+    gm.graftr_position_ids = spec.position_ids
     gm.hf_config = model.config
     gm.hf_class = type(model).__name__
     if task is None:
@@ -170,7 +173,7 @@ def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = Non
         raise GraftrError("this model is already grafted; graft the base model with one combined recipe")
     plans = passes.rewrite(gm, passes.match(gm.site_index, recipe))
     gm.recipe, gm.plans = recipe, plans
-    adapter_prefixes = tuple(t + "." for p in plans for t in p.targets)
+    adapter_prefixes = tuple(t + "." for p in plans for t in p.modules)
     globs = [compile_glob(g) for g in recipe.trainable_modules]
     module_paths = [n for n, _ in gm.named_modules() if n]
     unmatched = [g for g, rx in zip(recipe.trainable_modules, globs) if not any(rx.fullmatch(m) for m in module_paths)]

@@ -29,6 +29,11 @@ MAX_BATCH = 4096
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8
 _DEFAULT_MAX_POSITIONS = 4096  # models with relative positions (T5) have no bound of their own
 _RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # their n_positions is a convention, not a limit
+# Decoder-only families traced with ``position_ids`` as a graph input (so generation can give each step its own
+# positions), and how their HF forward fills them when none are given, which the grafted wrapper reproduces:
+# "arange" is ``0..T-1`` in every row, "mask" is OPT's ``cumsum(attention_mask) * attention_mask - 1``.
+POSITION_DEFAULTS = {"llama": "arange", "mistral": "arange", "qwen2": "arange", "qwen3": "arange", "gemma2": "arange",
+                     "phi3": "arange", "gpt2": "arange", "gpt_neox": "arange", "opt": "mask"}
 
 
 class SDPA(nn.Module):
@@ -55,6 +60,7 @@ class TraceSpec:
     input_names: list[str]
     max_positions: int
     decoder_inputs: list[str] = field(default_factory=list)
+    position_ids: str | None = None  # how the model fills position_ids (a POSITION_DEFAULTS value) when traced
 
 
 def max_positions(config) -> int:
@@ -87,7 +93,20 @@ def trace_spec(model: nn.Module) -> TraceSpec:
     missing = [n for n in names + decoder if n not in params]
     if missing:
         raise GraftrError(f"{type(model).__name__}.forward does not take {missing}; graftr traces text models")
-    return TraceSpec(names + decoder, max_positions(config), decoder)
+    positions = POSITION_DEFAULTS.get(getattr(config, "model_type", ""))
+    if positions is not None and not decoder and "position_ids" in params:
+        names.append("position_ids")
+    else:
+        positions = None
+    return TraceSpec(names + decoder, max_positions(config), decoder, positions)
+
+
+def default_position_ids(kind: str, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The ``position_ids`` the HF forward computes when given none (``kind`` from :data:`POSITION_DEFAULTS`)."""
+    if kind == "mask":
+        return attention_mask.long().cumsum(1) * attention_mask - 1
+    batch, seq = attention_mask.shape
+    return torch.arange(seq, device=attention_mask.device).expand(batch, seq)
 
 
 def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.ExportedProgram:
@@ -105,6 +124,8 @@ def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.Expo
             t = torch.randint(0, min(vocab, 100), (_EXAMPLE_BATCH, _EXAMPLE_SEQ), device=device)
         elif name == "token_type_ids":
             t = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=device)
+        elif name == "position_ids":
+            t = torch.arange(_EXAMPLE_SEQ, device=device).repeat(_EXAMPLE_BATCH, 1)
         else:
             t = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=device)
         kwargs[name] = t
@@ -116,6 +137,9 @@ def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.Expo
     model.train()  # dropout nodes must exist in the graph; normalize() makes them follow the mode
     for c in configs.values():
         c.use_cache = False
+    # DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear process-wide once an engine exists (and says it never
+    # restores it); traced through that wrapper a linear is no aten.linear node, so no site. Trace the real op.
+    patched_linear, torch.nn.functional.linear = torch.nn.functional.linear, torch._C._nn.linear
     try:
         with torch.no_grad():
             return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
@@ -123,6 +147,7 @@ def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.Expo
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GraftrError(f"torch.export could not trace {type(model).__name__}: {first}") from e
     finally:
+        torch.nn.functional.linear = patched_linear
         model.train(was_training)
         for key, c in configs.items():
             c.use_cache = had_cache[key]
@@ -207,6 +232,7 @@ def trace(model: nn.Module, spec: TraceSpec | None = None) -> fx.GraphModule:
     gm = to_graph_module(export(model, spec), class_name=type(model).__name__)
     gm.graftr_input_names = list(spec.input_names)
     gm.graftr_max_positions = spec.max_positions
+    gm.graftr_position_ids = spec.position_ids
     return gm
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from graftr.models import build_model
-from graftr.trace import trace_spec
+from graftr.trace import default_position_ids, trace_spec
 
 VOCAB = 128
 MAX_POSITIONS = 64
@@ -94,6 +94,8 @@ def example_inputs(model: torch.nn.Module, batch: int, seq: int, seed: int = 0) 
             inputs[name] = torch.randint(_FIRST_PLAIN_TOKEN, config.vocab_size, (batch, length), generator=gen)
         elif name == "token_type_ids":
             inputs[name] = torch.randint(0, config.type_vocab_size, (batch, length), generator=gen)
+        elif name == "position_ids":  # the positions the model uses by default (the mask comes before them)
+            inputs[name] = default_position_ids(spec.position_ids, inputs["attention_mask"])
         else:
             inputs[name] = _mask(batch, length)
     return inputs

@@ -1,0 +1,262 @@
+"""Load an HF checkpoint's weights straight into a graph traced on the ``meta`` device.
+
+Tracing on ``meta`` costs no weight memory (:func:`build_empty` then :func:`graftr.prepare`/:func:`graftr.graft`);
+:func:`materialize` then fills in the graph's parameters and buffers from the ``*.safetensors`` files of a model
+directory, one file at a time, without instantiating the HF model with weights. ``safe_open`` maps each tensor
+copy-on-write from its file: pages are read when first used, processes on one machine loading the same
+checkpoint share them, and peak memory is one copy of the weights (plus the cast copy when ``dtype`` converts).
+
+Names
+    The graph keeps the HF names, so a checkpoint key is found as the tensor's own name, or with the model's
+    ``base_model_prefix`` removed or added (a ``BertModel`` checkpoint loads into ``BertForSequenceClassification``
+    and the other way round), after the legacy ``LayerNorm.gamma``/``LayerNorm.beta`` renaming transformers
+    applies to every model. Tied tensors (``lm_head.weight`` and ``model.embed_tokens.weight`` are one
+    ``Parameter``) are loaded once, from whichever of their names the checkpoint has.
+What the checkpoint lacks
+    is initialised as ``from_pretrained`` does (transformers 5): the owning module is built on CPU from a ``meta``
+    twin of the HF model and given to its ``PreTrainedModel._init_weights`` (then each ancestor's, children
+    first). Non-persistent buffers (rotary ``inv_freq``, BERT's ``position_ids``) are always computed this way,
+    never read from a checkpoint; parameters and persistent buffers that were missing are reported as newly
+    initialised (e.g. a fresh classifier on a base checkpoint). Tensors that already hold data and are not in the
+    checkpoint (adapters) are left alone.
+Device
+    ``torch.export`` bakes the tracing device into the graph (``arange(..., device=meta)``, ``to(device)``, device
+    assertions); :func:`materialize` re-targets every graph of the model to the CPU with :func:`set_graph_device`,
+    which also moves a traced graph to another single device.
+dtype
+    Floating tensors are cast to ``dtype`` when given, else keep the checkpoint's dtype. The traced graph has its
+    dtype baked in (casts, dtype assertions), so the result must equal the dtype the graph was traced in: trace
+    with ``build_empty(config, dtype=...)`` in the dtype you load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import fx, nn
+
+from graftr.errors import GraftrError
+from graftr.models import build_model
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# transformers' "legacy" renaming, applied to every checkpoint it loads
+_LEGACY = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
+
+
+def build_empty(config, task: str | None = None, *, dtype: torch.dtype | None = None,
+                num_labels: int | None = None) -> nn.Module:
+    """The HF model for ``config`` on the ``meta`` device (no memory), to trace and then :func:`materialize`.
+
+    ``dtype`` is baked into the traced graph: use the dtype :func:`materialize` will load (fp32 if None).
+    """
+    return build_model(config, task, device="meta", dtype=dtype, num_labels=num_labels)
+
+
+def set_graph_device(gm: nn.Module, device: str | torch.device) -> None:
+    """Make every device constant in the graphs of ``gm`` (root and outlined layers) ``device``, and recompile."""
+    device = torch.device(device)
+
+    def swap(a):
+        return device if isinstance(a, torch.device) else a
+
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                node.args = fx.node.map_aggregate(node.args, swap)
+                node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+            module.recompile()
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One tensor of the graph under all its names (tied tensors have several)."""
+
+    tensor: torch.Tensor
+    kind: str  # "parameter" | "buffer"
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+def _entries(gm: nn.Module) -> list[_Entry]:
+    by_id: dict[int, _Entry] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), _Entry(p, "parameter")).names.append(name)
+    for name, b in gm.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(b), _Entry(b, "buffer")).names.append(name)
+    return list(by_id.values())
+
+
+def _checkpoint_keys(directory: Path) -> dict[str, tuple[Path, str]]:
+    """Every checkpoint key (legacy names normalised) → (file, key as stored), from the index or the single file."""
+    if (directory / INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise GraftrError(f"{directory / INDEX} is not a safetensors index: {e}") from None
+        stored = {key: directory / file for key, file in weight_map.items()}
+        missing = sorted({str(f) for f in stored.values() if not f.is_file()})
+        if missing:
+            raise GraftrError(f"{directory / INDEX} lists files that do not exist: {', '.join(missing[:3])}")
+    elif (directory / SINGLE).is_file():
+        with safe_open(str(directory / SINGLE), framework="pt") as f:
+            stored = {key: directory / SINGLE for key in f.keys()}
+    else:
+        raise GraftrError(f"{directory} has no {SINGLE} or {INDEX} (graftr loads safetensors checkpoints only)")
+    keys = {}
+    for key, file in stored.items():
+        normal = key
+        for old, new in _LEGACY:
+            if normal.endswith(old):
+                normal = normal[: -len(old)] + new
+        keys[normal] = (file, key)
+    return keys
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    """The checkpoint keys ``name`` may be stored under: itself, without or with the base model prefix."""
+    if not prefix:
+        return [name]
+    if name.startswith(prefix + "."):
+        return [name, name[len(prefix) + 1:]]
+    return [name, f"{prefix}.{name}"]
+
+
+def _hf_class(gm) -> type:
+    cls = getattr(transformers, getattr(gm, "hf_class", "") or "", None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise GraftrError(f"materialize needs a model traced from a transformers class (graftr.prepare/graft); "
+                          f"{type(gm).__name__} has hf_class={getattr(gm, 'hf_class', None)!r}")
+    return cls
+
+
+def _twin(gm, cls: type) -> nn.Module:
+    """The HF model ``gm`` was traced from, rebuilt on ``meta`` (structure, buffer persistence, init functions)."""
+    with torch.device("meta"):
+        return cls._from_config(copy.deepcopy(gm.hf_config))
+
+
+def _set(gm: nn.Module, entry: _Entry, value: torch.Tensor) -> None:
+    """Make every name of ``entry`` refer to ``value`` (a Parameter keeps its requires_grad flag)."""
+    if entry.kind == "parameter":
+        value = nn.Parameter(value, requires_grad=entry.tensor.requires_grad)
+    for name in entry.names:
+        owner, _, local = name.rpartition(".")
+        module = gm.get_submodule(owner)
+        (module._parameters if entry.kind == "parameter" else module._buffers)[local] = value
+
+
+def _target_dtype(entry: _Entry, source: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    if not source.is_floating_point:
+        return entry.tensor.dtype
+    target = dtype or source
+    if target != entry.tensor.dtype:
+        raise GraftrError(f"{entry.name} would be {target} but the graph was traced in {entry.tensor.dtype}; "
+                          f"trace with build_empty(config, dtype={target}) or pass dtype={entry.tensor.dtype}")
+    return target
+
+
+def _init_function(twin: nn.Module, path: str):
+    """The ``_init_weights`` of the innermost PreTrainedModel containing ``path`` (as transformers dispatches)."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts), -1, -1):
+        module = twin.get_submodule(".".join(parts[:i]))
+        if isinstance(module, transformers.PreTrainedModel):
+            return module._init_weights
+    raise GraftrError(f"{path} is not inside a transformers PreTrainedModel")
+
+
+@torch.no_grad()
+def _initialise(twin: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Values for ``names`` made by transformers' init on CPU copies of their owning modules only."""
+    owners = sorted({n.rpartition(".")[0] for n in names})
+    for owner in owners:
+        module = twin.get_submodule(owner)
+        module.to_empty(device="cpu", recurse=False)
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if t is not None and t.is_floating_point():
+                t.fill_(math.nan)  # anything init leaves untouched is caught below, not used as garbage
+    chain = {".".join(o.split(".")[:i]) if o else "" for o in owners for i in range(len(o.split(".")) + 1)}
+    order = [path for path, _ in twin.named_modules(remove_duplicate=False) if path in chain]
+    for path in sorted(order, key=lambda p: -(p.count(".") + 1 if p else 0)):  # children before parents
+        _init_function(twin, path)(twin.get_submodule(path))
+    values = {}
+    for name in names:
+        owner, _, local = name.rpartition(".")
+        module = twin.get_submodule(owner)
+        t = module._parameters.get(local, module._buffers.get(local))
+        if t.is_floating_point() and torch.isnan(t).any():
+            raise GraftrError(f"{name} is not in the checkpoint and {type(module).__name__} has no transformers "
+                              "initialisation for it")
+        values[name] = t.detach()
+    return values
+
+
+def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Load the weights of the HF model directory ``directory`` into ``gm`` (in place).
+
+    Returns the report: a line listing the tensors newly initialised because the checkpoint lacks them, and one
+    listing checkpoint keys that no tensor of the model uses (ignored), when there are any.
+    Raises :class:`GraftrError` for a missing checkpoint, a shape mismatch (naming the tensor) or a dtype that
+    differs from the traced one.
+    """
+    directory = Path(directory)
+    cls = _hf_class(gm)
+    keys = _checkpoint_keys(directory)
+    entries = _entries(gm)
+    twin = _twin(gm, cls) if any(e.kind == "buffer" for e in entries) else None
+
+    def persistent(entry: _Entry) -> bool:
+        owner, _, local = entry.name.rpartition(".")
+        return entry.kind == "parameter" or local not in twin.get_submodule(owner)._non_persistent_buffers_set
+
+    used: set[str] = set()
+    plan: dict[Path, list[tuple[str, _Entry]]] = defaultdict(list)
+    missing: list[_Entry] = []
+    for entry in entries:
+        found = [c for n in entry.names for c in _candidates(n, cls.base_model_prefix) if c in keys]
+        used.update(found)
+        if not persistent(entry):
+            if entry.tensor.is_meta:
+                missing.append(entry)
+        elif found:
+            file, key = keys[found[0]]
+            plan[file].append((key, entry))
+        elif entry.tensor.is_meta:
+            missing.append(entry)
+
+    for file in sorted(plan):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key, entry in plan[file]:
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(entry.tensor.shape):
+                    raise GraftrError(f"{entry.name}: the checkpoint's {key} has shape {shape}, the model expects "
+                                      f"{tuple(entry.tensor.shape)} ({file.name})")
+                t = f.get_tensor(key)
+                _set(gm, entry, t.to(_target_dtype(entry, t.dtype, dtype)))
+
+    report = []
+    if missing:
+        twin = twin or _twin(gm, cls)
+        values = _initialise(twin, [e.name for e in missing])
+        for entry in missing:  # made in the twin's dtype; cast to the traced one
+            _set(gm, entry, values[entry.name].to(_target_dtype(entry, entry.tensor.dtype, dtype)))
+        new = sorted(e.name for e in missing if persistent(e))
+        if new:
+            report.append(f"newly initialized (not in the checkpoint): {', '.join(new)}")
+    set_graph_device(gm, "cpu")
+    unused = sorted(key for normal, (_, key) in keys.items() if normal not in used)
+    if unused:
+        report.append(f"unused checkpoint keys: {', '.join(unused)}")
+    return report
