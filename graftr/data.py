@@ -96,10 +96,12 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_options(self) -> DataConfig:
+        # by value, not by whether the field was written: a resolved recipe (every default written out) reads back
+        fields = type(self).model_fields
         for option, formats in _FORMAT_OPTIONS.items():
-            if option in self.model_fields_set and self.format not in formats:
+            if getattr(self, option) != fields[option].default and self.format not in formats:
                 raise ValueError(f"{option} applies to format {' or '.join(formats)} only, not {self.format}")
-        if self.packing and "overlong" in self.model_fields_set:
+        if self.packing and self.overlong != fields["overlong"].default:
             raise ValueError("overlong does not apply with packing (blocks are exactly max_length)")
         if self.prompt_template not in PROMPT_TEMPLATES:
             raise ValueError(f"unknown prompt_template {self.prompt_template!r} (known: {', '.join(PROMPT_TEMPLATES)})")
@@ -236,8 +238,12 @@ def _first_line(error: Exception) -> str:
 
 
 def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: int = 0,
-                   label_names: list | None = None) -> tuple[TokenizedSet, TokenizedSet | None, DataInfo]:
+                   label_names: list | None = None,
+                   eval_only: bool = False) -> tuple[TokenizedSet | None, TokenizedSet | None, DataInfo]:
     """Load ``source`` and tokenize its train and eval splits for ``task``.
+
+    ``eval_only`` (``graftr eval``) tokenizes the eval split alone and returns ``None`` for train; the train split is
+    still read, for ``eval_fraction`` and for the class names when ``label_names`` is not given.
 
     ``label_names`` (classification) fixes the class order: string labels map to their position in it and integer
     labels must index it. Without it, a ``ClassLabel`` column gives the names; otherwise string labels are sorted
@@ -255,8 +261,8 @@ def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: 
     if cfg.format == "classification":
         names = _label_names(splits, cfg, label_names)
     encode = _encoder(cfg, tokenizer, task, names)
-    built, longest = [], 0
-    for where, ds in splits:
+    built, longest = [None] if eval_only else [], 0
+    for where, ds in splits[1:] if eval_only else splits:
         if cfg.packing:
             examples, seen = _pack(ds, where, cfg, tokenizer, notes)
         else:
@@ -265,8 +271,8 @@ def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: 
         longest = max(longest, seen)
 
     train, evaluation = built[0], (built[1] if len(built) > 1 else None)
-    info = DataInfo(num_train=len(train), num_eval=len(evaluation) if evaluation else 0,
-                    train_tokens=train.num_tokens, eval_tokens=evaluation.num_tokens if evaluation else 0,
+    info = DataInfo(num_train=len(train) if train else 0, num_eval=len(evaluation) if evaluation else 0,
+                    train_tokens=train.num_tokens if train else 0, eval_tokens=evaluation.num_tokens if evaluation else 0,
                     max_length_seen=longest, label_names=names, notes=notes)
     return train, evaluation, info
 

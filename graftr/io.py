@@ -60,13 +60,22 @@ def write_dir_atomically(out: Path, write, *, marker: str = MANIFEST) -> None:
         raise
 
 
-def save_adapter(gm, out_dir, *, extra: dict | None = None) -> Path:
-    """Save ``gm``'s trainable tensors, resolved recipe and manifest to ``out_dir`` (atomically)."""
+def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save ``gm``'s trainable tensors, resolved recipe and manifest to ``out_dir`` (atomically).
+
+    ``tensors`` replaces the values read from ``gm`` (same names and shapes): the training loop passes the full fp32
+    tensors it gathered from DeepSpeed, whose module parameters may be ZeRO-3 partitions or bf16 copies.
+    """
     from graftr.recipe import dump_recipe
 
     if gm.recipe is None:
         raise GraftrError("the model has no adapters to save")
     state = gm.adapter_state_dict()
+    if tensors is not None:
+        if sorted(tensors) != sorted(state):
+            raise GraftrError(f"the tensors to save are not the model's trainable tensors "
+                              f"({len(tensors)} given, {len(state)} trainable)")
+        state = tensors
     on_meta = [n for n, t in state.items() if t.is_meta]
     if on_meta:
         raise GraftrError(f"cannot save {on_meta[0]}: the base model was built without weights; load real weights "

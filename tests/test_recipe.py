@@ -15,6 +15,7 @@ from graftr import registry
 from graftr.errors import MatchError, RecipeError
 from graftr.recipe import Match, Recipe, Rule, dump_recipe, load_recipe, parse_recipe, recipe_json_schema, recipe_model
 from graftr.selectors import LayerSelect, compile_glob
+from graftr.train.config import TrainConfig
 
 
 class ScaleConfig(registry.AdapterConfig):
@@ -68,7 +69,7 @@ rules:
   - name: prompt
     match: {op: attention, layers: {range: [0, 2]}}
     adapter: {kind: test_prompt}
-train: {lr: 0.001}
+train: {lr: 0.001, max_steps: 5, data: {format: classification}}
 """
 
 
@@ -236,7 +237,7 @@ def test_valid_recipe_and_round_trip():
     recipe = parse(VALID)
     assert isinstance(recipe, Recipe) and isinstance(recipe, recipe_model())
     assert (recipe.name, recipe.model, recipe.task, recipe.num_labels) == ("demo", "tiny-llama", "seq_cls", 3)
-    assert recipe.trainable_modules == ["score"] and recipe.train == {"lr": 0.001}
+    assert recipe.trainable_modules == ["score"] and recipe.train == TrainConfig(lr=0.001, max_steps=5, data={"format": "classification"})
     rule = recipe.rules[0]
     assert isinstance(rule, Rule) and rule.adapter == ScaleConfig(rank=4)
     assert rule.match.path == ["model.layers.*.self_attn.{k_proj,v_proj}"] and rule.match.exclude == ["**.lm_head"]

@@ -1,0 +1,321 @@
+"""The ``train:`` section of a recipe, the DeepSpeed config built from it, and ``path.to.field=value`` overrides.
+
+::
+
+    train:
+      max_steps: 60              # or epochs: 3 (max_steps wins when both are given)
+      micro_batch_size: 16       # per process and micro-batch; global batch = this × accumulation × processes
+      lr: 3.0e-3
+      zero_stage: 2
+      data: {format: classification, text_column: sentence, max_length: 64}
+
+Optimizer and schedule are built by graftr, not by DeepSpeed: ``torch.optim.AdamW`` (weight decay on matrices
+only) and a ``LambdaLR`` warmup + decay are handed to ``deepspeed.initialize`` as client objects. That needs no
+compiled DeepSpeed op (DeepSpeed's own ``AdamW`` would JIT-build ``cpu_adam``/``fused_adam``), runs the same under
+every ZeRO stage on CPU and GPU, and DeepSpeed still steps the scheduler at accumulation boundaries and saves both
+in its checkpoints. With ``offload`` the same AdamW runs on the offloaded CPU partitions (DeepSpeed's
+``zero_force_ds_cpu_optimizer`` check is turned off for it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from graftr.data import DataConfig
+from graftr.errors import GraftrError, RecipeError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# DeepSpeed keys graftr sets from the recipe and also reads itself (batching, optimizer, schedule): a user JSON
+# may not change them, or the data loader and the DeepSpeed engine would disagree.
+_OWNED = {
+    "train_batch_size": "micro_batch_size × gradient_accumulation_steps × processes",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "optimizer": "train.lr and train.weight_decay (graftr passes torch AdamW to DeepSpeed)",
+    "scheduler": "train.lr_schedule and train.warmup_steps (graftr passes its LambdaLR to DeepSpeed)",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+}
+
+
+class TrainConfig(BaseModel):
+    """How to train a recipe's adapters (the recipe's ``train:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataConfig = Field(description="the data pipeline: format, columns, splits, max_length")
+    lr: float = Field(gt=0, description="peak learning rate (after warmup)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to run; wins over epochs")
+    epochs: int | None = Field(None, ge=1, description="passes over the train split (used when max_steps is unset)")
+    micro_batch_size: int = Field(8, ge=1, description="examples per process and forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="decay after warmup: constant, linear to 0, or cosine to 0")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from lr/warmup_steps to lr")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warmup as a fraction of all steps "
+                                       "(instead of warmup_steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay, applied to matrices only "
+                                "(never to vectors: biases, norms, IA³ scales, gates)")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
+    seed: int = Field(0, description="seeds adapter init, data order and dropout")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="compute dtype of the model; optimizer master weights stay fp32 (fp16: GPUs only)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (and always at the end); 0: end only")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (and at the end); 0: no checkpoints")
+    log_every: int = Field(10, ge=1, description="print and record the mean loss every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also parameters")
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
+        "none", description="move optimizer states (ZeRO >= 1) and parameters (ZeRO-3) to CPU memory")
+    deepspeed_config: str | None = Field(
+        None, description="a DeepSpeed JSON merged over the generated config (path relative to the working dir)")
+    compile: bool = Field(False, description="torch.compile the rewritten graph (dynamic shapes; not with ZeRO-3)")
+    outline_layers: bool | Literal["auto"] = Field(
+        "auto", description="run each layer as its own submodule so ZeRO-3 gathers one layer at a time; "
+        "auto: with ZeRO-3")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs (how long to train)")
+        if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError(f"offload: {self.offload} needs zero_stage 1, 2 or 3 (stage 0 keeps no partitions)")
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            raise ValueError("offload: optimizer_and_params needs zero_stage 3 (only ZeRO-3 partitions parameters)")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile does not work with zero_stage 3: ZeRO-3 gathers parameters while the graph "
+                             "runs, which torch.compile cannot trace; use zero_stage 0-2 or compile: false")
+        return self
+
+    def outline(self) -> bool:
+        """Whether the layers are outlined: ``auto`` means under ZeRO-3, where it saves memory."""
+        return self.zero_stage == 3 if self.outline_layers == "auto" else bool(self.outline_layers)
+
+    def notes(self) -> list[str]:
+        """Options that have no effect as set (torchtitan's rule: never ignore an option silently)."""
+        notes = []
+        if self.max_steps is not None and self.epochs is not None:
+            notes.append(f"train.epochs ({self.epochs}) is ignored: train.max_steps ({self.max_steps}) wins")
+        if self.save_every == 0 and "keep_checkpoints" in self.model_fields_set:
+            notes.append("train.keep_checkpoints has no effect: save_every is 0, so no checkpoint is written")
+        if self.outline_layers is True and self.zero_stage != 3:
+            notes.append("train.outline_layers: true only changes what ZeRO-3 gathers; with zero_stage "
+                         f"{self.zero_stage} the layers are still outlined but nothing is saved")
+        return notes
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps`` if set, else ``epochs`` full passes."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def warmup(cfg: TrainConfig, total: int) -> int:
+    return math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio is not None else cfg.warmup_steps
+
+
+def lr_factor(step: int, *, warmup_steps: int, total: int, schedule: str) -> float:
+    """The multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup, then the decay.
+
+    Warmup reaches the full lr at its last step (``(step + 1) / warmup_steps``), so no step runs at lr 0; the decay
+    goes from 1 at the first step after warmup towards 0 after the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for ``cfg`` on ``world_size`` processes (before a user JSON is merged in)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # DeepSpeed would replace torch.nn.functional.linear process-wide (a memory saving for eager modules);
+        # the traced graph calls aten.linear directly, so it gains nothing and later traces would break.
+        zero["memory_efficient_linear"] = False
+    if cfg.offload in ("optimizer", "optimizer_and_params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload == "optimizer_and_params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        # dynamic loss scaling (loss_scale 0) starting at 2^16, as DeepSpeed recommends
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # torch AdamW on offloaded partitions (see the module docstring)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # graftr logs; DeepSpeed's own step lines would interleave with the bar
+        "wall_clock_breakdown": False,
+    }
+
+
+def merge_user_config(generated: dict[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
+    """Merge the JSON at ``path`` over ``generated``; returns the result and one note per replaced value.
+
+    Keys graftr reads itself (batch sizes, accumulation, optimizer, scheduler, precision) must come from the recipe;
+    giving them a different value in the JSON is an error naming the recipe field to set instead.
+    """
+    try:
+        user = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GraftrError(f"train.deepspeed_config: {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise GraftrError(f"train.deepspeed_config: cannot read {path} as JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise GraftrError(f"train.deepspeed_config: {path} must hold a JSON object")
+    for key, field in _OWNED.items():
+        if key in user and user[key] != generated.get(key):
+            raise GraftrError(f"train.deepspeed_config: {path} sets {key!r}; graftr derives it from {field}, "
+                              "set that in the recipe instead")
+    notes: list[str] = []
+
+    def merge(base: dict, extra: dict, where: str) -> dict:
+        out = dict(base)
+        for key, value in extra.items():
+            name = f"{where}{key}"
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value, name + ".")
+            elif key in out and out[key] != value:
+                notes.append(f"{path} overrides {name}: {json.dumps(out[key])} -> {json.dumps(value)}")
+                out[key] = value
+            else:
+                out[key] = value
+        return out
+
+    return merge(generated, user, ""), notes
+
+
+# --------------------------------------------------------------------------------------------- overrides
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=(.*)$", re.DOTALL)
+
+
+def parse_override(text: str) -> tuple[tuple[str | int, ...], Any]:
+    """``"train.max_steps=20"`` → ``(("train", "max_steps"), 20)``; the value is read as a YAML scalar/flow."""
+    m = _OVERRIDE.match(text)
+    if m is None:
+        raise GraftrError(f"override {text!r} is not path.to.field=value (e.g. train.max_steps=20)")
+    path = tuple(int(p) if p.isdigit() else p for p in m.group(1).split("."))
+    try:
+        value = yaml.safe_load(m.group(2)) if m.group(2).strip() else None
+    except yaml.YAMLError as e:
+        raise GraftrError(f"override {text!r}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
+    return path, value
+
+
+def apply_override(data: dict, path: tuple[str | int, ...], value: Any, text: str) -> None:
+    """Set ``data[path] = value``, creating mappings on the way; list items are addressed by index."""
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        where = ".".join(map(str, path[: depth + 1]))
+        if isinstance(node, dict):
+            if not isinstance(node.get(part), (dict, list)):
+                if part in node and node[part] is not None:
+                    raise GraftrError(f"override {text!r}: {where} is {node[part]!r}, not a mapping")
+                node[part] = {}
+            node = node[part]
+        elif isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                raise GraftrError(f"override {text!r}: {where} is not an index of the list "
+                                  f"(it has {len(node)} items)")
+            node = node[part]
+        else:
+            raise GraftrError(f"override {text!r}: {where} cannot be set inside {node!r}")
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or not 0 <= last < len(node):
+            raise GraftrError(f"override {text!r}: {last} is not an index of the list (it has {len(node)} items)")
+    elif not isinstance(node, dict):
+        raise GraftrError(f"override {text!r}: cannot set {last} inside {node!r}")
+    node[last] = value
+
+
+def load_recipe_with_overrides(path: str | Path, overrides: list[str]):
+    """Read a recipe, apply ``path.to.field=value`` overrides to its mapping, then validate it.
+
+    Problems are reported like :func:`graftr.recipe.parse_recipe` reports them (one :class:`RecipeError`, one line
+    each): ``file:line: location: message`` for values from the file, ``override X=Y: location: message`` for
+    values an override set.
+    """
+    from graftr import recipe as recipes  # the recipe module imports this one: import at call time
+    from graftr.registry import import_modules
+
+    if not overrides:
+        return recipes.load_recipe(path)
+    source = str(path)
+    root, data = recipes._compose(recipes.read_recipe_text(path), source)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping with name and rules")
+    applied = []
+    for item in overrides:
+        keys, value = parse_override(item)
+        apply_override(data, keys, value, item)
+        applied.append((keys, item))
+
+    # (line for sorting, origin, location, message); origin is "file:line" or "override KEY=VALUE"
+    problems = [(line, f"{source}:{line}", where, message) for line, where, message in recipes._duplicate_keys(root)]
+    imports = data.get("imports")
+    for i, module in enumerate(imports if isinstance(imports, list) else []):
+        if isinstance(module, str) and re.match(recipes._MODULE_NAME, module):
+            try:
+                import_modules([module], search=recipes._source_dir(source))
+            except GraftrError as e:
+                line, where = recipes._locate(root, ("imports", i))
+                problems.append((line, f"{source}:{line}", where, str(e)))
+    recipe = None
+    try:
+        recipe = recipes.recipe_model().model_validate(data)
+    except ValidationError as e:
+        for error in e.errors():
+            loc = _data_loc(tuple(error["loc"]), data)
+            line, _, message = recipes._problem(root, error)
+            by = next((item for keys, item in reversed(applied) if loc[: len(keys)] == keys), None)
+            if by is not None:  # the value came from an override: the file's line would point elsewhere
+                problems.append((0, f"override {by}", _display(loc), message))
+            else:
+                problems.append((line, f"{source}:{line}", _display(loc), message))
+    if problems:
+        raise RecipeError("\n".join(f"{origin}: {where}: {message}" for _, origin, where, message in
+                                    sorted(problems, key=lambda p: p[0])))
+    return recipe
+
+
+def _data_loc(loc: tuple, data: Any) -> tuple:
+    """A pydantic error location as a path into ``data``: the adapter-kind tag a discriminated union adds
+    (``rules.0.adapter.ia3.rank``) is dropped."""
+    out, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        out.append(part)
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+    return tuple(out)
+
+
+def _has(node: dict | list, part: Any) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
+
+
+def _display(loc: tuple) -> str:
+    """``("rules", 0, "adapter", "rank")`` → ``rules[0].adapter.rank``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
