@@ -1,0 +1,118 @@
+"""Merging: fold a trained adapter into the base weights and write a plain Hugging Face model directory.
+
+``graftr merge ADAPTER --model MODEL --out DIR`` loads the base with its weights, grafts and loads the adapter,
+folds every adapter into its site's weight (:meth:`GraftedModel.merge_`: IA³ exactly, InA only with p = 0) and
+saves the HF model with the merged weights through its own ``save_pretrained``, with its config (label names
+included) and the tokenizer files of the source. Parameter names do not change, so the tensors of the recipe's
+``trainable_modules`` (a trained classifier head) come along. The directory loads with ``from_pretrained`` in an
+environment without graftr.
+
+Everything that can refuse does so before anything is written: an adapter kind that cannot be merged (the
+message says why), an adapter on a weight tied to another one (merging would change both), a mismatched base.
+The output directory is written atomically (:func:`graftr.io.write_dir_atomically`); an existing directory is
+replaced only if it holds a ``config.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graftr.errors import MergeError
+from graftr.inference import DTYPES, Loaded
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def merge_into_hf(loaded: Loaded) -> nn.Module:
+    """Merge ``loaded.gm``'s adapters and return ``loaded.model`` (the HF model) holding the merged weights."""
+    gm, hf = loaded.gm, loaded.model
+    tied = _tied_names(hf)
+    for site in gm.site_index.all():
+        if site.adapters and site.op == "linear" and site.weight in tied:
+            raise MergeError(f"{site.path}: its weight {site.weight} is tied to another module's weight; "
+                             "merging would change both")
+    gm.merge_()
+    state = gm.state_dict()
+    expected = hf.state_dict()
+    missing = [name for name in expected if name not in state and name not in tied]
+    if missing:
+        raise MergeError(f"the merged graph lacks {len(missing)} tensors of {type(hf).__name__}: {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            if name in state:
+                tensor.copy_(state[name])
+    return hf
+
+
+def _tied_names(hf: nn.Module) -> set[str]:
+    """Every parameter name that shares its tensor with an earlier name (HF's tied weights)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in hf.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied |= {name, seen[id(p)]}
+        seen.setdefault(id(p), name)
+    return tied
+
+
+def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype) -> None:
+    """Write ``hf`` (cast to ``dtype``) with config, generation config and the source's tokenizer files."""
+    from graftr.io import write_dir_atomically
+    from graftr.models import load_tokenizer
+
+    tokenizer = None
+    if source.directory is not None and any((source.directory / f).is_file() for f in _TOKENIZER_FILES):
+        tokenizer = load_tokenizer(source)
+    hf.to(dtype)
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_dir_atomically(out, write, marker="config.json")
+
+
+def _config_dtype(config) -> torch.dtype:
+    value = getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("adapter", help="a graftr adapter directory")
+    parser.add_argument("--model", help="base model directory with weights (or a cached hub id); "
+                                        "default: the base recorded in the adapter")
+    parser.add_argument("--out", required=True, help="the HF model directory to write")
+    parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto",
+                        help="dtype of the saved weights; auto (default): the base's own dtype. Merging is in fp32")
+
+
+def main(args) -> int:
+    from rich.table import Table
+
+    from graftr.cli import out
+    from graftr.inference import load_for_inference
+
+    loaded = load_for_inference(args.model, args.adapter, dtype=torch.float32, console=out)
+    plans = [(p.name, p.rule.adapter.kind, len(p.sites)) for p in loaded.gm.plans]
+    hf = merge_into_hf(loaded)
+    dtype = _config_dtype(loaded.source.config) if args.dtype == "auto" else DTYPES[args.dtype]
+    save_merged(hf, loaded.source, Path(args.out), dtype)
+    table = Table(title=f"merged {args.adapter} into {loaded.source.model_id}")
+    for col in ("rule", "kind", "sites"):
+        table.add_column(col)
+    for name, kind, sites in plans:
+        table.add_row(name, kind, str(sites))
+    out.print(table)
+    out.print(f"wrote {type(hf).__name__} ({str(dtype).removeprefix('torch.')}) to {args.out}; "
+              "it loads with transformers' from_pretrained, without graftr")
+    return 0
+

@@ -1,0 +1,180 @@
+"""Evaluation: the numbers equal a manual loop over the same data, token-weighted, and the CLI prints them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from after_training_kit import cli_error, model_dir, randomize_and_save, tokenizer
+from torch.utils.data import DataLoader
+
+from graftr import cli, graft
+from graftr.data import Collator, DataConfig, build_datasets
+from graftr.errors import GraftrError
+from graftr.evaluate import evaluate
+from graftr.recipe import parse_recipe
+
+SENTENCES = [("a fine film", 1), ("dull and long", 0), ("the cast is superb", 2), ("i left early", 0),
+             ("worth every minute of it", 1), ("a mess", 0), ("surprisingly moving", 2)]
+INSTRUCTIONS = [("Name a colour.", "", "Blue."), ("Add the numbers.", "2 and 3", "5"),
+                ("Write a greeting.", "", "Hello there, how are you today?"), ("Reverse the word.", "stop", "pots")]
+
+CLS_RECIPE = """
+name: ia3_cls
+task: seq_cls
+num_labels: 3
+trainable_modules: [classifier]
+rules:
+  - {name: ia3_kv, match: {path: "bert.encoder.layer.*.attention.self.{key,value}"}, adapter: {kind: ia3}}
+train: {lr: 1.0e-3, max_steps: 1, data: {format: classification, text_column: sentence}}
+"""
+LM_RECIPE = """
+name: ia3_lm
+rules:
+  - {name: ia3_kv, match: {path: "model.layers.*.self_attn.{k_proj,v_proj}"}, adapter: {kind: ia3}}
+train: {lr: 1.0e-3, max_steps: 1, data: {format: alpaca}}
+"""
+
+
+def write_split(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def adapted(root, arch, recipe, task=None, **overrides):
+    """A base directory (model + tokenizer) and a saved adapter with every trainable tensor moved from its init."""
+    model = model_dir(root / "base", arch, task, **overrides)
+    return randomize_and_save(graft(model, parse_recipe(recipe)), root / "adapter")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    (root / "data").mkdir()
+    rows = [{"sentence": s, "label": y} for s, y in SENTENCES]
+    write_split(root / "data" / "train.jsonl", rows[:3])
+    write_split(root / "data" / "validation.jsonl", rows)
+    return root, adapted(root, "bert", CLS_RECIPE, "seq_cls", num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def language_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    (root / "data").mkdir()
+    rows = [{"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS]
+    write_split(root / "data" / "train.jsonl", rows[:1])
+    write_split(root / "data" / "validation.jsonl", rows)
+    return root, adapted(root, "llama", LM_RECIPE)
+
+
+def eval_set(root, fmt, task, **fields):
+    _, evaluation, _ = build_datasets(str(root / "data"), DataConfig(format=fmt, **fields), tokenizer(), task=task)
+    return evaluation
+
+
+def loader(dataset, batch_size):
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(tokenizer()))
+
+
+def test_classification_equals_a_manual_loop(classifier):
+    root, gm = classifier
+    data = eval_set(root, "classification", "seq_cls", text_column="sentence")
+    losses, hits = [], []
+    with torch.no_grad():
+        for example in data:  # one example at a time: no padding at all
+            inputs = {k: torch.tensor([v]) for k, v in example.items() if k != "labels"}
+            logits = gm(**inputs).logits[0]
+            losses.append(F.cross_entropy(logits, torch.tensor(example["labels"])).item())
+            hits.append(int(logits.argmax()) == example["labels"])
+    for batch_size in (1, 3):
+        got = evaluate(gm, loader(data, batch_size))
+        assert got.keys() == {"loss", "accuracy", "examples"} and got["examples"] == len(SENTENCES)
+        assert got["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+        assert got["accuracy"] == sum(hits) / len(hits)
+
+
+def test_classification_with_known_predictions(classifier):
+    root, gm = classifier
+    data = eval_set(root, "classification", "seq_cls", text_column="sentence")
+    bias = gm.get_parameter("classifier.bias")
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.copy_(torch.tensor([0.0, 0.0, 1e4]))  # every example is predicted as class 2
+        got = evaluate(gm, loader(data, 4))
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert got["accuracy"] == 2 / 7  # two of the seven sentences are labelled 2
+    assert got["loss"] > 1e3  # the five others are scored about -1e4
+
+
+def test_language_model_loss_is_token_weighted(language_model):
+    root, gm = language_model
+    data = eval_set(root, "alpaca", "causal_lm")
+    total, count, per_example = 0.0, 0, []
+    with torch.no_grad():
+        for example in data:
+            logits = gm(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(example["labels"][1:])
+            scored = labels != -100
+            loss = F.cross_entropy(logits[scored], labels[scored], reduction="sum").item()
+            total, count = total + loss, count + int(scored.sum())
+            per_example.append(loss / int(scored.sum()))
+    one, four = evaluate(gm, loader(data, 1)), evaluate(gm, loader(data, 4))
+    assert one["tokens"] == four["tokens"] == count and one["examples"] == four["examples"] == len(INSTRUCTIONS)
+    assert one["loss"] == pytest.approx(total / count, abs=1e-6)
+    assert four["loss"] == pytest.approx(total / count, abs=1e-6)
+    assert four["perplexity"] == pytest.approx(math.exp(total / count))
+    assert abs(four["loss"] - sum(per_example) / len(per_example)) > 1e-3  # not a mean of per-example means
+
+
+def test_unsupported_task_is_refused(classifier):
+    _, gm = classifier
+    with pytest.raises(GraftrError, match="token_cls"):
+        evaluate(gm, [], task="token_cls")
+
+
+def table_values(text: str) -> dict[str, str]:
+    """metric → value from a rich table printed by the CLI."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) == 2 and cells[0]:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_cli_eval_classification(classifier, capsys):
+    root, gm = classifier
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(root / "adapter"), "--data", str(root / "data"), "--batch-size", "2"]) == 0
+    shown = table_values(capsys.readouterr().out)
+    expected = evaluate(gm, loader(eval_set(root, "classification", "seq_cls", text_column="sentence"), 2))
+    assert shown == {"loss": f"{expected['loss']:.4f}", "accuracy": f"{expected['accuracy']:.4f}", "examples": "7"}
+
+
+def test_cli_eval_language_model_with_overrides(language_model, capsys):
+    root, gm = language_model
+    capsys.readouterr()
+    argv = ["eval", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--data", str(root / "data")]
+    assert cli.main([*argv, "data.max_length=40"]) == 0
+    out = capsys.readouterr().out
+    shown = table_values(out)
+    expected = evaluate(gm, loader(eval_set(root, "alpaca", "causal_lm", max_length=40), 8))
+    assert shown["loss"] == f"{expected['loss']:.4f}" and shown["perplexity"] == f"{expected['perplexity']:.4f}"
+    assert shown["tokens"] == str(expected["tokens"])
+    assert "truncated" in out  # the data pipeline's notes are shown
+
+
+def test_cli_eval_errors(language_model, capsys):
+    root, _ = language_model
+    argv = ["eval", "--adapter", str(root / "adapter"), "--data", str(root / "data")]
+    assert "no split 'test'" in cli_error(capsys, [*argv, "--split", "test"])
+    assert "not data.KEY=VALUE" in cli_error(capsys, [*argv, "max_length=3"])
+    assert "data.max_length" in cli_error(capsys, [*argv, "data.max_length=0"])
+    assert "hidden_size: adapter 32 vs model 4096" in cli_error(capsys, [*argv, "--model", "meta-llama/Llama-2-7b-hf"])
+    assert "only a config" in cli_error(capsys, [*argv, "--model", str(root / "base" / "config.json")])
+    assert "does not exist" in cli_error(capsys, ["eval", "--adapter", str(root / "nope"), "--data", "x"])
