@@ -180,6 +180,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         owner = fxmeta.module_path(node) or ""
+        replaced = []
         if node.target in (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default):
             x, p, train = (list(node.args) + [None, None])[:3]
             if not train or not p:
@@ -196,19 +197,66 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
             bound = dict(zip(names, node.args))
             bound.update(node.kwargs)
+            key, value, gqa = bound["key"], bound["value"], bool(bound.get("enable_gqa", False))
+            grouped = [_repeated_kv(key), _repeated_kv(value)]
+            if not gqa and None not in grouped and grouped[0][1] == grouped[1][1]:
+                # SDPA groups the heads itself: the H-head copies of the keys and values are never made (nor saved
+                # for backward), as in HF's eager path, which passes enable_gqa when it can
+                replaced = [key, value]
+                (key, _), (value, _) = grouped
+                gqa = True
             module = SDPA(float(bound.get("dropout_p") or 0.0), bool(bound.get("is_causal", False)),
-                          bound.get("scale"), bool(bound.get("enable_gqa", False)))
+                          bound.get("scale"), gqa)
             target = _install(gm, f"{owner}.sdpa" if owner else "sdpa", module)
             with graph.inserting_before(node):
-                new = graph.call_module(target, (bound["query"], bound["key"], bound["value"], bound.get("attn_mask")))
+                new = graph.call_module(target, (bound["query"], key, value, bound.get("attn_mask")))
         else:
             continue
         fxmeta.copy_meta(node, new)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        for dead in replaced:  # the repeat_kv copies SDPA no longer reads
+            _erase_unused(graph, dead)
     graph.lint()
     gm.recompile()
     return gm
+
+
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _repeated_kv(node) -> tuple[fx.Node, int] | None:
+    """``(x, n)`` when ``node`` is HF's ``repeat_kv(x, n)``, n > 1: ``x[:, :, None].expand(B, Hkv, n, T, d)
+    .reshape(B, Hkv·n, T, d)``, which puts query head h on key/value head h // n, SDPA's ``enable_gqa`` grouping."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _RESHAPES):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target == torch.ops.aten.expand.default):
+        return None
+    unsqueeze = expand.args[0]
+    if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target == torch.ops.aten.unsqueeze.default
+            and unsqueeze.args[1] == 2):
+        return None
+    x = unsqueeze.args[0]
+    xs, ys = fxmeta.shape(x), fxmeta.shape(node)
+    if not xs or not ys or len(xs) != 4 or len(ys) != 4:
+        return None
+    try:
+        kv_heads, heads = int(xs[1]), int(ys[1])
+        n = int(expand.args[1][2])
+    except (TypeError, ValueError):  # symbolic head counts: leave the graph alone
+        return None
+    if n <= 1 or heads != kv_heads * n:
+        return None
+    return x, n
+
+
+def _erase_unused(graph: fx.Graph, node) -> None:
+    """Erase ``node`` and then its inputs while nothing else uses them (a chain made dead by a rewrite)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and not node.users:
+        parent = node.args[0] if node.args else None
+        graph.erase_node(node)
+        node = parent
 
 
 def is_attention_call(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -54,6 +54,22 @@ def test_output_type_kept(arch, output_type):
     assert isinstance(gm(**example_inputs(model, 2, 4)), output_type)
 
 
+@pytest.mark.parametrize("arch, kv_heads", [("llama", 2), ("qwen3", 2), ("gpt2", 4)])
+def test_sdpa_groups_key_value_heads_itself(arch, kv_heads):
+    # HF's repeat_kv (expand + reshape to H heads) is dropped: SDPA gets the Hkv heads with enable_gqa, so the
+    # repeated copies are neither made nor saved for backward; models without GQA keep their graph
+    from graftr.trace import SDPA
+
+    _, gm = traced(arch)
+    sdpa = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), SDPA)]
+    assert len(sdpa) == 2
+    for node in sdpa:
+        assert node.args[1].meta["val"].shape[1] == node.args[2].meta["val"].shape[1] == kv_heads
+        assert gm.get_submodule(node.target).enable_gqa == (kv_heads < node.args[0].meta["val"].shape[1])
+    assert not any(n.target == torch.ops.aten.expand.default and n.args[0].target == torch.ops.aten.unsqueeze.default
+                   and n.args[0].args[1] == 2 for n in gm.graph.nodes if n.op == "call_function")
+
+
 def test_encoder_classification():
     model, gm = traced("bert", "seq_cls", num_labels=3)
     for batch, seq in SHAPES:
