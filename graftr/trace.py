@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,14 @@ POSITION_DEFAULTS = {"llama": "arange", "mistral": "arange", "qwen2": "arange", 
 
 
 class SDPA(nn.Module):
-    """``F.scaled_dot_product_attention`` with its dropout following ``self.training``, as in the HF module."""
+    """``F.scaled_dot_product_attention`` with its dropout following ``self.training``, as in the HF module.
+
+    A boolean mask that allows everything, or exactly the causal triangle, is dropped for ``attn_mask=None`` (with
+    ``is_causal`` for the triangle), as HF's eager masking does for an unpadded batch: the traced graph always builds
+    the mask (the check depends on data), but SDPA then runs its mask-free kernels and keeps no mask for backward.
+    The check costs O(B·T²) comparisons, once per forward for all the layers sharing one mask tensor; it is skipped
+    under ``torch.compile``, which would break the graph on it.
+    """
 
     def __init__(self, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                  enable_gqa: bool = False):
@@ -45,12 +53,40 @@ class SDPA(nn.Module):
         self.dropout_p, self.is_causal, self.scale, self.enable_gqa = dropout_p, is_causal, scale, enable_gqa
 
     def forward(self, q, k, v, attn_mask=None):
+        is_causal = self.is_causal
+        if attn_mask is not None and not is_causal and attn_mask.device.type != "meta" \
+                and not torch.compiler.is_compiling():
+            form = _mask_form(attn_mask, q.shape[-2], k.shape[-2])
+            if form is not None:
+                attn_mask, is_causal = None, form == "causal"
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa)
+            is_causal=is_causal, scale=self.scale, enable_gqa=self.enable_gqa)
 
     def extra_repr(self) -> str:
         return f"dropout_p={self.dropout_p}, is_causal={self.is_causal}, scale={self.scale}"
+
+
+_last_mask: tuple[weakref.ref, tuple, str | None] | None = None  # the mask tensor checked last, and its form
+
+
+def _mask_form(mask: torch.Tensor, queries: int, keys: int) -> str | None:
+    """``"full"`` if the boolean ``mask`` allows every key, ``"causal"`` if exactly ``key <= query`` (square), else
+    None. Remembers the last tensor checked: the layers of one forward share their mask tensor."""
+    global _last_mask
+    if mask.dtype != torch.bool:
+        return None
+    key = (mask.shape, mask.stride(), mask._version, queries, keys)
+    if _last_mask is not None and _last_mask[0]() is mask and _last_mask[1] == key:
+        return _last_mask[2]
+    form = None
+    if bool(mask.all()):
+        form = "full"
+    elif queries == keys and mask.shape[-2:] == (queries, keys):
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=mask.device).tril()
+        form = "causal" if bool((mask == causal).all()) else None
+    _last_mask = (weakref.ref(mask), key, form)
+    return form
 
 
 @dataclass

@@ -70,6 +70,34 @@ def test_sdpa_groups_key_value_heads_itself(arch, kv_heads):
                    and n.args[0].args[1] == 2 for n in gm.graph.nodes if n.op == "call_function")
 
 
+@pytest.mark.parametrize("arch, unpadded", [("llama", {"attn_mask": None, "is_causal": True}),
+                                              ("bert", {"attn_mask": None, "is_causal": False})])
+def test_unpadded_batches_run_sdpa_without_a_mask(arch, unpadded, monkeypatch):
+    # as HF's eager masking does: an all-allowed or exactly causal mask becomes attn_mask=None (+ is_causal); a
+    # padded batch keeps its mask; outputs equal the eager model's either way
+    import graftr.trace as tracing
+
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append({"attn_mask": attn_mask, "is_causal": is_causal})
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    model, gm = traced(arch)
+    inputs = example_inputs(model, 3, 9)
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    monkeypatch.setattr(tracing.F, "scaled_dot_product_attention", spy)  # torch.nn.functional's own
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        calls.clear()
+        torch.testing.assert_close(gm(**inputs).logits, expected, atol=1e-6, rtol=0)
+        assert calls == [unpadded] * 2
+        calls.clear()
+        inputs["attention_mask"][0, :3] = 0  # padding: the mask stays
+        gm(**inputs)
+        assert len(calls) == 2 and all(c["attn_mask"] is not None and not c["is_causal"] for c in calls)
+
+
 def test_encoder_classification():
     model, gm = traced("bert", "seq_cls", num_labels=3)
     for batch, seq in SHAPES:
