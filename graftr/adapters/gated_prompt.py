@@ -211,7 +211,9 @@ class GatedPrompt(Adapter):
         keys, values = self.prompt_kv(self.prompt if prompt is None else prompt, wk, bk, wv, bv)
         keys, values = self._repeat(keys, self.num_heads), self._repeat(values, self.num_heads)
         probs = torch.softmax((q.float() @ keys.transpose(-1, -2)) * self.scale, dim=-1)  # (B, H, T, L)
-        return out + (self._gate(q_out) * (probs @ values)).to(out.dtype)
+        # gate·(P·V_p) as (gate·P)·V_p: backward keeps the (B, H, T, L) gated probabilities, not a (B, H, T, hd)
+        # product (L prompt tokens are fewer than hd; PEFT's AdaptionPrompt gates the scores the same way)
+        return out + ((self._gate(q_out) * probs) @ values).to(out.dtype)
 
     def extra_repr(self) -> str:
         prompt = f"shared={self.shared}" if self.shared else f"prompt=({self.length}, {self.dim})"
