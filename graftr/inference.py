@@ -2,7 +2,9 @@
 
 The adapter is checked against the base's config before any weight is read, so a mismatched base fails fast with
 the fields that differ; a model given only as a config (a bundled snapshot, a config.json) is refused because
-these commands compute with the weights.
+these commands compute with the weights. ``--adapter`` may also be a PEFT adapter directory (an
+``adapter_config.json`` and no graftr ``manifest.json``: LoRA/InA, IA3 or AdaptionPrompt), imported with
+:func:`graftr.peft_format.import_peft`; its base defaults to the config's ``base_model_name_or_path``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def add_model_arguments(parser, *, adapter_required: bool) -> None:
     """``--model``, ``--adapter`` and ``--dtype``, worded the same for every command."""
     parser.add_argument("--model", help="base model: a directory with weights or a hub id in the local cache; "
                                         "default: the base recorded in the adapter")
-    parser.add_argument("--adapter", required=adapter_required, help="a graftr adapter directory (from train or apply)")
+    parser.add_argument("--adapter", required=adapter_required, help="a graftr adapter directory (from train or "
+                        "apply), or a PEFT adapter directory (LoRA/InA, IA3, AdaptionPrompt)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
 
 
@@ -41,15 +44,19 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
     from graftr.grafted import prepare
     from graftr.io import RECIPE, check_base, load_adapter, read_manifest
     from graftr.models import infer_task, load_model, resolve
+    from graftr.peft_format import TASKS, import_peft, peft_adapter_config
     from graftr.recipe import load_recipe
 
-    manifest = recipe = None
+    manifest = recipe = peft = None
     if adapter is not None:
         if not Path(adapter).is_dir():
             raise AdapterLoadError(f"adapter directory {adapter} does not exist")
-        manifest = read_manifest(adapter)
-        recipe = load_recipe(Path(adapter) / RECIPE)
-    model_id = model_arg or (manifest or {}).get("base_model") or (recipe.model if recipe else None)
+        peft = peft_adapter_config(adapter)
+        if peft is None:
+            manifest = read_manifest(adapter)
+            recipe = load_recipe(Path(adapter) / RECIPE)
+    model_id = (model_arg or (manifest or {}).get("base_model") or (recipe.model if recipe else None)
+                or (peft or {}).get("base_model_name_or_path"))
     if not model_id:
         raise GraftrError("no model given: pass --model (a model directory with weights or a cached hub id)")
     source = resolve(model_id)
@@ -61,7 +68,8 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
             raise AdapterLoadError(f"{adapter} was made for a {made_for} model ({manifest.get('base_model')}), but "
                                    f"{model_id} is a {source.config.model_type} model")
         check_base(manifest, source.config, adapter)
-    task = (recipe.task if recipe else None) or (manifest or {}).get("task") or infer_task(source.config)
+    task = ((recipe.task if recipe else None) or (manifest or {}).get("task")
+            or TASKS.get((peft or {}).get("task_type")) or infer_task(source.config))
     labels = _trained_labels(manifest, task)
     num_labels = (recipe.num_labels if recipe else None) or (len(labels) if labels else None)
     model = load_model(source, task, dtype=dtype, num_labels=num_labels)
@@ -70,6 +78,9 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     if adapter is None:
         gm = prepare(model, model_id=source.model_id, task=task)
+    elif peft is not None:
+        gm = import_peft(model, adapter)
+        gm.model_id, recipe = source.model_id, gm.recipe
     else:
         gm = load_adapter(model, adapter)
     gm.eval()

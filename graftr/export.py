@@ -1,0 +1,94 @@
+"""Exporting: write a trained graftr adapter in Hugging Face PEFT's format.
+
+``graftr export ADAPTER --format peft --out DIR`` builds the base model's structure on the meta device (no weight is
+read: an adapter's tensors are all an export needs), grafts the adapter's recipe onto it, loads the adapter's tensors
+(so every exported tensor is real data), and writes ``adapter_config.json`` + ``adapter_model.safetensors`` with
+:func:`graftr.peft_format.export_peft`, atomically. What maps (see :mod:`graftr.peft_format`):
+
+* ``ina`` → ``LORA`` with ``lora_inhibition`` (InA's published format; stock PEFT ignores that field and runs plain
+  LoRA, so an adapter with inhibition > 0 must be loaded with graftr to run as trained: a note says so);
+* ``ia3`` → ``IA3``;
+* ``gated_prompt`` (``prompt: linear``, ``gate: scalar``, on the last N blocks of a llama/mistral without an o_proj
+  bias) → ``ADAPTION_PROMPT``.
+
+Anything else is refused with the reason before anything is written, as is an adapter made for a base with a
+different structure than ``--model``. The base defaults to the one recorded in the adapter's manifest and ends up
+as the PEFT config's ``base_model_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from graftr.errors import AdapterLoadError, GraftrError
+
+FORMATS = ("peft",)
+
+
+def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
+    """The adapter grafted onto its base built on the meta device, its tensors loaded: a ``GraftedModel`` whose
+    ``model_id`` is the base used (``model_arg``, else the adapter's recorded base)."""
+    from graftr.inference import _trained_labels
+    from graftr.io import RECIPE, check_base, load_adapter, read_manifest
+    from graftr.models import build_model, infer_task, resolve
+    from graftr.peft_format import peft_adapter_config
+    from graftr.recipe import load_recipe
+
+    path = Path(adapter)
+    if not path.is_dir():
+        raise AdapterLoadError(f"adapter directory {adapter} does not exist")
+    if peft_adapter_config(path) is not None:
+        raise GraftrError(f"{adapter} is already a PEFT adapter (adapter_config.json, no manifest.json); there is "
+                          "nothing to export")
+    manifest = read_manifest(path)
+    if not (path / RECIPE).is_file():
+        raise AdapterLoadError(f"{adapter} is incomplete: {RECIPE} is missing")
+    recipe = load_recipe(path / RECIPE)
+    model_id = model_arg or manifest.get("base_model") or recipe.model
+    if not model_id:
+        raise GraftrError("the adapter records no base model: pass --model (a model directory, a config.json or a "
+                          "hub id)")
+    source = resolve(model_id)
+    if console is not None and source.note:
+        console.print(f"[yellow]note:[/] {source.note}")
+    made_for = (manifest.get("base_config") or {}).get("model_type")
+    if made_for != source.config.model_type:
+        raise AdapterLoadError(f"{adapter} was made for a {made_for} model ({manifest.get('base_model')}), but "
+                               f"{model_id} is a {source.config.model_type} model")
+    check_base(manifest, source.config, adapter)
+    task = recipe.task or manifest.get("task") or infer_task(source.config)
+    labels = _trained_labels(manifest, task)
+    num_labels = recipe.num_labels or (len(labels) if labels else None)
+    gm = load_adapter(build_model(source.config, task, device="meta", num_labels=num_labels), path)
+    gm.model_id = source.model_id
+    return gm
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("adapter", help="a graftr adapter directory (from train or apply)")
+    parser.add_argument("--format", choices=FORMATS, default="peft",
+                        help="the format to write: peft (HF PEFT's adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--model", help="the base model (a directory, a config.json or a cached hub id); only its "
+                                        "structure is read; default: the base recorded in the adapter")
+    parser.add_argument("--out", required=True, help="the adapter directory to write")
+
+
+def main(args) -> int:
+    from graftr.cli import out
+    from graftr.peft_format import export_peft
+
+    gm = load_on_structure(args.adapter, args.model, console=out)
+    kinds = sorted({plan.rule.adapter.kind for plan in gm.plans})
+    export_peft(gm, Path(args.out))
+    config = json.loads((Path(args.out) / "adapter_config.json").read_text())
+    sites = sum(len(plan.sites) for plan in gm.plans)
+    out.print(f"wrote a PEFT {config['peft_type']} adapter ({', '.join(kinds)} on {sites} modules, base "
+              f"{config['base_model_name_or_path']}) to {args.out}")
+    if config.get("lora_inhibition"):
+        out.print(f"[yellow]note:[/] lora_inhibition {config['lora_inhibition']}: stock PEFT ignores this field and "
+                  "would run plain LoRA; load the adapter with graftr (import_peft, or --adapter) to run InA")
+    return 0
