@@ -489,7 +489,9 @@ rules:
     gelu = graft(tiny_model("llama"), parse_recipe(_recipe(LLAMA_QK, activation="gelu")))
     with pytest.raises(GraftrError, match="always applies leaky_relu"):
         export_peft(gelu, tmp_path / "x")
-    ia3 = graft(tiny_model("llama"), parse_recipe(_recipe(LLAMA_QK).replace("kind: ina", "kind: ia3")))
-    with pytest.raises(GraftrError, match="this model has ia3"):
-        export_peft(ia3, tmp_path / "x")
+    mixed = graft(tiny_model("llama"), parse_recipe(_recipe(LLAMA_QK) + """
+  - {name: scale, match: {path: "model.layers.*.mlp.down_proj"}, adapter: {kind: ia3, scale: input}}
+"""))
+    with pytest.raises(GraftrError, match="this model has ia3, ina"):  # one PEFT config holds one kind
+        export_peft(mixed, tmp_path / "x")
     assert not (tmp_path / "x").exists()
