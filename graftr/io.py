@@ -158,11 +158,17 @@ def _materialize(gm, param, value: torch.Tensor) -> None:
 
 
 def load_adapter(model, path):
-    """Graft ``model`` with the adapter's recipe and load its tensors. Returns the :class:`GraftedModel`."""
+    """Graft ``model`` with the adapter's recipe and load its tensors. Returns the :class:`GraftedModel`.
+
+    ``path`` is a graftr adapter directory, or an HF PEFT adapter directory (``adapter_config.json``, no manifest),
+    which :func:`graftr.peft_format.import_peft` translates."""
     from graftr.grafted import GraftedModel, graft
+    from graftr.peft_format import import_peft, peft_adapter_config
     from graftr.recipe import load_recipe
 
     path = Path(path)
+    if peft_adapter_config(path) is not None:
+        return import_peft(model, path)
     manifest = read_manifest(path)
     for f in (TENSORS, RECIPE):
         if not (path / f).is_file():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from zoo import example_inputs, tiny_model
 
-from graftr import GraftedModel, cli, graft
+from graftr import GraftedModel, cli, graft, load_adapter
 from graftr.errors import GraftrError
 from graftr.peft_format import export_peft, import_peft
 from graftr.recipe import parse_recipe
@@ -109,6 +109,8 @@ def test_ia3_peft_adapter_imports_exactly(arch, tmp_path):
     plans = {p.name: (p.rule.adapter.scale, len(p.sites)) for p in gm.plans}
     assert plans == {"ia3": ("output", {"llama": 4, "gpt2": 2}[arch]), "ia3_ff": ("input", 2)}
     torch.testing.assert_close(logits(gm, inputs), theirs, atol=ATOL, rtol=0)
+    loaded = load_adapter(tiny_model(arch), tmp_path / "peft").eval()  # the package API takes PEFT dirs too
+    torch.testing.assert_close(logits(loaded, inputs), theirs, atol=ATOL, rtol=0)
     again = export_peft(gm, tmp_path / "again")  # and back: the same tensors under the same keys
     saved, exported = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), load_file(
         str(again / "adapter_model.safetensors"))
