@@ -145,6 +145,8 @@ def cmd_schema(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graftr", description="graftr: trace a transformer, match a recipe, insert "
                                      "adapters, train them with DeepSpeed.")
+    # `deepspeed --module graftr.cli train ...` puts --local_rank=N before the subcommand (LOCAL_RANK says the same)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("apply", help="trace a model, match a recipe and insert its adapters; print the plan")

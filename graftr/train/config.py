@@ -32,8 +32,9 @@ from graftr.data import DataConfig
 from graftr.errors import GraftrError, RecipeError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# DeepSpeed keys graftr sets from the recipe and also reads itself (batching, optimizer, schedule): a user JSON
-# may not change them, or the data loader and the DeepSpeed engine would disagree.
+# DeepSpeed keys graftr sets from the recipe and also reads itself (batching, optimizer, schedule, the ZeRO stage
+# that decides outlining and compile): a user JSON may not change them, or graftr and the DeepSpeed engine would
+# disagree. Dotted keys are nested.
 _OWNED = {
     "train_batch_size": "micro_batch_size × gradient_accumulation_steps × processes",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
@@ -42,6 +43,7 @@ _OWNED = {
     "scheduler": "train.lr_schedule and train.warmup_steps (graftr passes its LambdaLR to DeepSpeed)",
     "bf16": "train.precision",
     "fp16": "train.precision",
+    "zero_optimization.stage": "train.zero_stage",
 }
 
 
@@ -166,11 +168,23 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     }
 
 
+_ABSENT = object()
+
+
+def _lookup(config: Any, key: str) -> Any:
+    """``config["a"]["b"]`` for the key ``"a.b"``, or ``_ABSENT``."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _ABSENT
+        config = config[part]
+    return config
+
+
 def merge_user_config(generated: dict[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
     """Merge the JSON at ``path`` over ``generated``; returns the result and one note per replaced value.
 
-    Keys graftr reads itself (batch sizes, accumulation, optimizer, scheduler, precision) must come from the recipe;
-    giving them a different value in the JSON is an error naming the recipe field to set instead.
+    Keys graftr reads itself (batch sizes, accumulation, optimizer, scheduler, precision, ZeRO stage) must come from
+    the recipe; giving them a different value in the JSON is an error naming the recipe field to set instead.
     """
     try:
         user = json.loads(Path(path).read_text())
@@ -181,7 +195,7 @@ def merge_user_config(generated: dict[str, Any], path: str) -> tuple[dict[str, A
     if not isinstance(user, dict):
         raise GraftrError(f"train.deepspeed_config: {path} must hold a JSON object")
     for key, field in _OWNED.items():
-        if key in user and user[key] != generated.get(key):
+        if _lookup(user, key) is not _ABSENT and _lookup(user, key) != _lookup(generated, key):
             raise GraftrError(f"train.deepspeed_config: {path} sets {key!r}; graftr derives it from {field}, "
                               "set that in the recipe instead")
     notes: list[str] = []
@@ -289,8 +303,11 @@ def load_recipe_with_overrides(path: str | Path, overrides: list[str]):
             by = next((item for keys, item in reversed(applied) if loc[: len(keys)] == keys), None)
             if by is not None:  # the value came from an override: the file's line would point elsewhere
                 problems.append((0, f"override {by}", _display(loc), message))
-            else:
-                problems.append((line, f"{source}:{line}", _display(loc), message))
+                continue
+            # a check of the whole mapping (train: offload needs a zero_stage) may fail on values overrides set in it
+            inside = [item for keys, item in applied if keys[: len(loc)] == loc]
+            origin = f"{source}:{line}" + (f" with override {' '.join(inside)}" if inside else "")
+            problems.append((line, origin, _display(loc), message))
     if problems:
         raise RecipeError("\n".join(f"{origin}: {where}: {message}" for _, origin, where, message in
                                     sorted(problems, key=lambda p: p[0])))

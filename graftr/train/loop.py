@@ -158,6 +158,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         gm.hf_config.label2id = {name: i for i, name in enumerate(info.label_names)}
     if cfg.outline():
         outline_layers(gm)  # each layer a submodule: ZeRO-3 gathers and frees one layer at a time
+        say(f"[dim]outlined {len(gm.graftr_outlined)} layers: ZeRO-3 gathers one layer's parameters at a time[/]")
     if device.type != "cpu":
         set_graph_device(gm, device)  # materialize() made the graph's device constants CPU
     gm.train()
@@ -198,7 +199,9 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     trainable = [p for p in gm.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # vectors: no decay
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    decays = [g["weight_decay"] for g in groups]
     # DeepSpeed steps the scheduler once per optimizer step; step s runs at lr × lr_factor(s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=warmup_steps, total=total, schedule=cfg.lr_schedule))
@@ -214,6 +217,9 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     fingerprint = {"world_size": world, "micro_batch_size": mbs, "gradient_accumulation_steps": accum,
                    "seed": cfg.seed, "train_examples": len(train_set), "zero_stage": cfg.zero_stage,
                    "precision": cfg.precision, "trainable": trainable_names}
+    # may differ on resume (a lower lr after a divergence, more steps); the current values are used
+    schedule = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
+                "warmup_steps": warmup_steps, "total_steps": total}
     step, tokens_seen, train_seconds, best = 0, 0, 0.0, None
     if main and ckpt_dir.is_dir():
         for name in checkpoint.remove_incomplete(ckpt_dir):
@@ -224,6 +230,19 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         checkpoint.load(engine, start_from)  # parameters, optimizer, scheduler, this rank's RNG states
         step, tokens_seen, train_seconds, best = meta["step"], meta["tokens"], meta["train_seconds"], meta["best"]
         say(f"resumed from {start_from} at step {step}/{total}")
+        changed = {k: (meta["schedule"][k], v) for k, v in schedule.items()
+                   if k in meta.get("schedule", {}) and meta["schedule"][k] != v}
+        if changed:
+            # the loaded optimizer and scheduler states carry the saved lr and weight decay: set the current ones
+            # (the schedule's shape is a function of the current settings already)
+            scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+            for group, decay in zip(optimizer.param_groups, decays):
+                group["initial_lr"], group["weight_decay"] = cfg.lr, decay
+                group["lr"] = cfg.lr * lr_factor(step, warmup_steps=warmup_steps, total=total,
+                                                 schedule=cfg.lr_schedule)
+            say(f"[yellow]note:[/] settings changed since {start_from.name} ("
+                + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                + f"): steps after {step} use the new ones")
     if main:
         out.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(out, resume_step=step) if main else None
@@ -265,7 +284,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                 if step >= total:
                     break
                 t_step = time.perf_counter()
-                lr = scheduler.get_last_lr()[0]  # the lr this step runs at
+                lr = optimizer.param_groups[0]["lr"]  # the lr this step runs at
                 # loss sum over micro-batches, micro-batches, tokens, non-finite losses (summed over ranks below)
                 stats = torch.zeros(4, dtype=torch.float64, device=device)
                 for micro in range(accum):
@@ -280,7 +299,9 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                 dist.all_reduce(stats)  # every rank decides the same way below
                 if stats[3] > 0:  # never apply a step computed from a non-finite loss
                     last = checkpoint.latest(ckpt_dir)
-                    kept = (f"the last good checkpoint is {last} (continue from it with --resume)" if last else
+                    # the run is deterministic: resumed unchanged from that checkpoint, it computes this loss again
+                    kept = (f"the newest checkpoint is {last}; to continue, --resume with a lower train.lr (or delete "
+                            "it to resume from an older one)" if last else
                             "no checkpoint was saved before it" + (" (save_every is 0)" if not cfg.save_every else ""))
                     raise GraftrError(f"non-finite loss ({stats[0].item() / stats[1].item()}) at step {step + 1}: "
                                       f"training stopped, nothing after step {step} was applied; {kept}")
@@ -311,8 +332,8 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                     last_eval = {"step": step, **run_eval()}
                 if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                     path = checkpoint.save(engine, ckpt_dir, step, {
-                        "fingerprint": fingerprint, "tokens": tokens_seen, "train_seconds": train_seconds,
-                        "best": best}, keep=cfg.keep_checkpoints)
+                        "fingerprint": fingerprint, "schedule": schedule, "tokens": tokens_seen,
+                        "train_seconds": train_seconds, "best": best}, keep=cfg.keep_checkpoints)
                     say(f"[dim]saved {path}[/]")
         if progress is not None:
             progress.stop()
