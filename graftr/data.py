@@ -25,13 +25,15 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import datasets
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from graftr.errors import GraftrError
+
+if TYPE_CHECKING:  # imported where used: recipes validate (graftr apply) without loading `datasets`
+    import datasets
 
 IGNORE_INDEX = -100  # label of a token that is not learned (the cross-entropy ignore index)
 
@@ -165,6 +167,8 @@ def load_raw(source: str, cfg: DataConfig) -> datasets.DatasetDict:
     directory of such files split by name (``train.*``, ``validation.*``/``valid.*``/``dev.*``, ``test.*``; shards
     like ``train-00000-of-00002.parquet`` join their split), or a Hub dataset name, optionally ``name:config``.
     """
+    import datasets
+
     path = Path(source).expanduser()
     if path.is_dir():
         raw = _load_dir(path)
@@ -183,6 +187,8 @@ def load_raw(source: str, cfg: DataConfig) -> datasets.DatasetDict:
 
 def _load_files(files: list[Path]) -> datasets.Dataset:
     """Load data files of one extension as one split."""
+    import datasets
+
     suffix = files[0].suffix.lower()
     if suffix not in _BUILDERS:
         raise GraftrError(f"unsupported data file extension '{suffix}' of {files[0]} "
@@ -200,6 +206,8 @@ def _load_files(files: list[Path]) -> datasets.Dataset:
 
 def _load_dir(path: Path) -> datasets.DatasetDict:
     """Load a directory whose data files are named after their split."""
+    import datasets
+
     groups: dict[str, list[Path]] = {}
     for file in sorted(path.iterdir()):
         if not file.is_file() or file.suffix.lower() not in _BUILDERS:
@@ -220,6 +228,8 @@ def _load_dir(path: Path) -> datasets.DatasetDict:
 
 def _load_hub(source: str) -> datasets.DatasetDict:
     """Load a Hub dataset (``name`` or ``name:config``) through the datasets cache."""
+    import datasets
+
     name, _, config = source.partition(":")
     try:
         return datasets.load_dataset(name, config or None)
@@ -527,6 +537,8 @@ def _render_chat(messages: Any, tokenizer, where: str) -> tuple[str, list[tuple[
 
 def _label_names(splits: list[tuple[str, datasets.Dataset]], cfg: DataConfig, given: list | None) -> list[str]:
     """Class names: ``given``, else a ClassLabel's names, else the sorted strings or ``0..max`` of train + eval."""
+    import datasets
+
     if given is not None:
         return [str(name) for name in given]
     feature = splits[0][1].features.get(cfg.label_column)
