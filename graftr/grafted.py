@@ -143,10 +143,15 @@ class GraftedModel(fx.GraphModule):
         return self
 
 
-def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None) -> GraftedModel:
-    """Trace ``model`` into a :class:`GraftedModel` with no adapters (parameters shared, not copied)."""
+def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None,
+            dynamic: bool = True) -> GraftedModel:
+    """Trace ``model`` into a :class:`GraftedModel` with no adapters (parameters shared, not copied).
+
+    ``dynamic=False`` is for plans that never run (see :func:`graftr.trace.export`): the graph takes only the
+    tracing example's shapes."""
     spec = tracing.trace_spec(model)
-    gm = tracing.to_graph_module(tracing.export(model, spec), cls=GraftedModel, class_name=f"Grafted{type(model).__name__}")
+    gm = tracing.to_graph_module(tracing.export(model, spec, dynamic=dynamic), cls=GraftedModel,
+                                 class_name=f"Grafted{type(model).__name__}")
     gm.graftr_input_names = list(spec.input_names)
     gm.graftr_max_positions = spec.max_positions
     gm.graftr_position_ids = spec.position_ids

@@ -145,15 +145,19 @@ def default_position_ids(kind: str, attention_mask: torch.Tensor) -> torch.Tenso
     return torch.arange(seq, device=attention_mask.device).expand(batch, seq)
 
 
-def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.ExportedProgram:
-    """``torch.export`` the model (non-strict) in training mode with dynamic batch and sequence dims."""
+def export(model: nn.Module, spec: TraceSpec | None = None, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` the model (non-strict) in training mode with dynamic batch and sequence dims.
+
+    ``dynamic=False`` traces the example shapes only, in half the time: for a plan that is never run (``graftr
+    apply`` on the ``meta`` device), where the graph's ops, parameters and sites are the same.
+    """
     spec = spec or trace_spec(model)
     device = next(model.parameters()).device
     seq_max = max(spec.max_positions, _EXAMPLE_SEQ + 1)
     batch = Dim("batch", min=1, max=MAX_BATCH)
     seq = Dim("seq", min=1, max=seq_max)
     dec_seq = Dim("decoder_seq", min=1, max=seq_max)
-    kwargs, dynamic = {}, {}
+    kwargs, dims = {}, {}
     vocab = max(2, int(getattr(model.config, "vocab_size", 2) or 2))
     for name in spec.input_names:
         if name.endswith("input_ids"):
@@ -165,7 +169,7 @@ def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.Expo
         else:
             t = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=device)
         kwargs[name] = t
-        dynamic[name] = {0: batch, 1: dec_seq if name in spec.decoder_inputs else seq}
+        dims[name] = {0: batch, 1: dec_seq if name in spec.decoder_inputs else seq}
     was_training = model.training
     # No KV-cache objects in the graph. Submodules may hold their own config copy (T5's decoder stack does).
     configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
@@ -178,7 +182,7 @@ def export(model: nn.Module, spec: TraceSpec | None = None) -> torch.export.Expo
     patched_linear, torch.nn.functional.linear = torch.nn.functional.linear, torch._C._nn.linear
     try:
         with torch.no_grad():
-            return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+            return torch.export.export(model, (), kwargs, dynamic_shapes=dims if dynamic else None, strict=False)
     except Exception as e:  # torch raises many types here; the user needs the model name and the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GraftrError(f"torch.export could not trace {type(model).__name__}: {first}") from e

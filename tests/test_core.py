@@ -216,3 +216,24 @@ rules: [{name: shift, match: {path: "lm_head"}, adapter: {kind: test_shift, init
     ids = torch.randint(3, 100, (1, 4))
     with torch.no_grad():
         torch.testing.assert_close(gm(input_ids=ids).logits, model(input_ids=ids).logits + 0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "t5"])
+def test_static_plan_equals_the_dynamic_graphs(arch):
+    # `graftr apply` plans on a graph traced at the example shapes only (half the tracing time): every linear and
+    # attention site, and every rule's sites and parameters, must be those of the dynamic graph training uses
+    recipe = parse_recipe("""
+name: t
+rules:
+  - {name: scale, match: {op: linear, exclude: "**.{lm_head,wo,wi,shared}"}, adapter: {kind: ia3}}
+  - {name: prompts, match: {op: attention, layers: {last: 1}}, adapter: {kind: gated_prompt, length: 3}}
+""")
+
+    def plan(gm):
+        sites = {(s.op, s.path) for s in gm.site_index.all()}
+        gm = graft(gm, recipe)
+        return sites, [(p.name, [s.path for s in p.sites], p.params_added) for p in gm.plans]
+
+    model = tiny_model(arch)
+    static, dynamic = plan(prepare(model, dynamic=False)), plan(prepare(model))
+    assert static == dynamic and len(static[1][0][1]) > 4
