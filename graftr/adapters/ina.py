@@ -93,7 +93,7 @@ class InA(LinearAdapter):
         if self.inhibition > 0:
             threshold = self.inhibition * z.max(dim=-1, keepdim=True).values
             z = ACTIVATIONS[self.activation](z - threshold)
-        return (y + self.scaling * F.linear(z, self.lora_B)).to(y.dtype)
+        return torch.add(y, F.linear(z, self.lora_B), alpha=self.scaling).to(y.dtype)  # y + s·Bz in one pass
 
     def check_merge(self) -> None:
         if self.inhibition > 0:
