@@ -30,7 +30,7 @@ def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
     """The adapter grafted onto its base built on the meta device, its tensors loaded: a ``GraftedModel`` whose
     ``model_id`` is the base used (``model_arg``, else the adapter's recorded base)."""
     from graftr.inference import _trained_labels
-    from graftr.io import RECIPE, check_base, load_adapter, read_manifest
+    from graftr.io import RECIPE, check_made_for, load_adapter, read_manifest
     from graftr.models import build_model, infer_task, resolve
     from graftr.peft_format import peft_adapter_config
     from graftr.recipe import load_recipe
@@ -52,11 +52,7 @@ def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
     source = resolve(model_id)
     if console is not None and source.note:
         console.print(f"[yellow]note:[/] {source.note}")
-    made_for = (manifest.get("base_config") or {}).get("model_type")
-    if made_for != source.config.model_type:
-        raise AdapterLoadError(f"{adapter} was made for a {made_for} model ({manifest.get('base_model')}), but "
-                               f"{model_id} is a {source.config.model_type} model")
-    check_base(manifest, source.config, adapter)
+    check_made_for(manifest, source.config, adapter, model_id)
     task = recipe.task or manifest.get("task") or infer_task(source.config)
     labels = _trained_labels(manifest, task)
     num_labels = recipe.num_labels or (len(labels) if labels else None)

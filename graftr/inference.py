@@ -42,7 +42,7 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
                        console=None) -> Loaded:
     """Resolve the base (``model_arg``, else the adapter's recorded base), load its weights, graft the adapter."""
     from graftr.grafted import prepare
-    from graftr.io import RECIPE, check_base, load_adapter, read_manifest
+    from graftr.io import RECIPE, check_made_for, load_adapter, read_manifest
     from graftr.models import infer_task, load_model, resolve
     from graftr.peft_format import TASKS, import_peft, peft_adapter_config
     from graftr.recipe import load_recipe
@@ -63,11 +63,7 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
     if console is not None and source.note:
         console.print(f"[yellow]note:[/] {source.note}")
     if manifest is not None:  # before reading any weight
-        made_for = (manifest.get("base_config") or {}).get("model_type")
-        if made_for != source.config.model_type:
-            raise AdapterLoadError(f"{adapter} was made for a {made_for} model ({manifest.get('base_model')}), but "
-                                   f"{model_id} is a {source.config.model_type} model")
-        check_base(manifest, source.config, adapter)
+        check_made_for(manifest, source.config, adapter, model_id)
     task = ((recipe.task if recipe else None) or (manifest or {}).get("task")
             or TASKS.get((peft or {}).get("task_type")) or infer_task(source.config))
     labels = _trained_labels(manifest, task)

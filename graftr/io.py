@@ -124,6 +124,16 @@ def check_base(manifest: dict, config, where: str) -> None:
                                + "; ".join(diffs))
 
 
+def check_made_for(manifest: dict, config, where: str, model_id: str) -> None:
+    """Refuse, before any weight is read, an adapter made for another model family, then any structure difference
+    (:func:`check_base`); ``model_id`` names the base the user chose."""
+    made_for = (manifest.get("base_config") or {}).get("model_type")
+    if made_for != config.model_type:
+        raise AdapterLoadError(f"{where} was made for a {made_for} model ({manifest.get('base_model')}), but "
+                               f"{model_id} is a {config.model_type} model")
+    check_base(manifest, config, where)
+
+
 def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``tensors`` into ``gm``'s trainable parameters; every one must be present with the right shape."""
     expected = gm.adapter_state_dict()
