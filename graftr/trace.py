@@ -7,7 +7,8 @@ sequence dimensions bounded by the model's maximum positions, and works on the `
 Export bakes the module mode into the graph (``aten.dropout(x, p, True)``, SDPA's ``dropout_p``), and an
 exported module refuses ``.train()``/``.eval()``. :func:`normalize` therefore traces in training mode and turns
 every dropout into an ``nn.Dropout`` submodule and every SDPA call into an :class:`SDPA` submodule, so the mode
-switches exactly as on the HF model.
+switches exactly as on the HF model. It also routes a ``position_ids`` input through :class:`SharedRows`, so
+default positions (one row broadcast over the batch) give rotary tables of one row, as in the HF forward.
 """
 
 from __future__ import annotations
@@ -259,7 +260,95 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             _erase_unused(graph, dead)
     graph.lint()
     gm.recompile()
+    share_position_rows(gm)
     return gm
+
+
+class SharedRows(nn.Module):
+    """Row 0 of a tensor whose rows are one row repeated by construction (batch stride 0), else the tensor.
+
+    The grafted wrapper's default ``position_ids`` is ``arange(T).expand(B, T)``: with this module after that
+    input, the rotary tables (or position embeddings) are computed and kept for backward once, not once per row,
+    as in the HF forward, which builds them from a ``(1, T)`` position tensor. Only inserted where every op between
+    the input and the batch-carrying activations broadcasts (:func:`share_position_rows`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 0 and x.shape[0] > 1 and x.stride(0) == 0:
+            return x[:1]
+        return x
+
+
+# Ops that keep a position-only tensor's batch dim as a broadcastable leading dim (the rotary/position-embedding
+# cone): elementwise ops, unsqueeze at dim ≥ 1, dtype casts, and cat along a non-batch dim (checked below).
+_BROADCAST_OPS = {
+    torch.ops.aten.unsqueeze.default, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
+    torch.ops.aten.to.dtype_layout, torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
+    torch.ops.aten.div.Tensor, torch.ops.aten.mul.Scalar, torch.ops.aten.add.Scalar, torch.ops.aten.cos.default,
+    torch.ops.aten.sin.default, torch.ops.aten.cat.default, torch.ops.aten.embedding.default,
+    torch.ops.aten.type_as.default, torch.ops.aten.neg.default,
+}
+# Where a position-only tensor may meet the batch (B, ...) activations: broadcasting elementwise ops.
+_MEETING_OPS = {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
+
+
+def share_position_rows(gm: fx.GraphModule) -> bool:
+    """Route the ``position_ids`` input through :class:`SharedRows` when that is provably the same computation.
+
+    Every node depending on ``position_ids`` alone must be a broadcasting op that leaves dim 0 alone (unsqueeze and
+    cat at dims ≥ 1 of tensors with the batch first), and every node where such a tensor meets other inputs must be
+    a broadcasting elementwise op, so a 1-row positions tensor gives each row the values all rows would have had.
+    Returns whether the graph was changed.
+    """
+    graph = gm.graph
+    pos = next((n for n in graph.nodes if n.op == "placeholder" and n.target == "position_ids"), None)
+    if pos is None:
+        return False
+    inputs = {n for n in graph.nodes if n.op == "placeholder"} - {pos}
+    tainted: set[fx.Node] = set()  # depends on another input (batch-carrying)
+    only: set[fx.Node] = {pos}  # depends on position_ids and constants only
+    for node in graph.nodes:
+        if node in inputs:
+            tainted.add(node)
+            continue
+        ins = node.all_input_nodes
+        from_pos = [a for a in ins if a in only]
+        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default \
+                and "size" not in node.kwargs and len(node.args) <= 1:
+            continue  # checks dtype/device/layout only
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's input-shape guard: still given the full-batch input
+        if any(a in tainted for a in ins):
+            tainted.add(node)
+            if from_pos and not (node.op == "call_function" and node.target in _MEETING_OPS):
+                return False
+            continue
+        if not from_pos:
+            continue
+        if node.op != "call_function" or node.target not in _BROADCAST_OPS:
+            return False
+        if node.target == torch.ops.aten.unsqueeze.default and node.args[1] == 0:
+            return False
+        if node.target == torch.ops.aten.cat.default:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            rank = len(fxmeta.shape(node) or ())
+            if not rank or dim % rank == 0:
+                return False
+        if node.target == torch.ops.aten.embedding.default and node.args[0] in only:
+            return False  # the positions must be the indices, not the table
+        only.add(node)
+    users = [u for u in pos.users if not (u.op == "call_module" and u.target == "_guards_fn")]
+    if not users:
+        return False
+    target = _install(gm, "position_rows", SharedRows())
+    with graph.inserting_after(pos):
+        shared = graph.call_module(target, (pos,))
+    fxmeta.copy_meta(pos, shared)
+    for u in users:
+        u.replace_input_with(pos, shared)
+    graph.lint()
+    gm.recompile()
+    return True
 
 
 _RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)

@@ -117,6 +117,40 @@ def test_ia3_peft_adapter_imports_exactly(arch, tmp_path):
     assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
 
 
+def saved_for_backward(model, inputs) -> tuple[int, list]:
+    """Bytes of the distinct storages autograd keeps for one training forward, and the kept shapes."""
+    storages, shapes = {}, []
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        shapes.append(tuple(t.shape))
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    return sum(storages.values()), shapes
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_keeps_no_more_for_backward_than_peft(arch):
+    # the grafted graph's default positions are one row broadcast over the batch, as in the HF forward, so its
+    # rotary tables (GPT-2: position embeddings) are kept once, not per row; the rest is the same computation
+    config = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0} if arch == "gpt2" else {}
+    ours = graft(tiny_model(arch, **config), parse_recipe(ia3_recipe(*IA3[arch])))
+    theirs = get_peft_model(tiny_model(arch, **config), IA3Config(task_type="CAUSAL_LM"))
+    inputs = example_inputs(theirs, 4, 16)
+    inputs = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"])}
+    (our_bytes, our_shapes), (their_bytes, _) = saved_for_backward(ours, inputs), saved_for_backward(theirs, inputs)
+    assert our_bytes <= their_bytes
+    if arch == "llama":  # (1, 1, T, head_dim) cos and sin, not (4, 1, T, head_dim)
+        head_dim = ours.hf_config.hidden_size // ours.hf_config.num_attention_heads
+        assert (1, 1, 16, head_dim) in our_shapes and (4, 1, 16, head_dim) not in our_shapes
+    rows = torch.arange(16).repeat(4, 1)  # positions given row by row: not shared, the same logits
+    ours.eval()
+    torch.testing.assert_close(logits(ours, {**inputs, "position_ids": rows}), logits(ours, inputs), atol=0, rtol=0)
+
+
 def test_ia3_bert_classifier_with_peft_suffix_semantics(tmp_path):
     """PEFT's defaults on BERT: ``output.dense`` is a whole-component target and a plain-suffix feedforward entry, so
     ``attention.output.dense`` scales its input too; the SEQ_CLS head is saved and loaded."""
