@@ -5,14 +5,15 @@
 
 For each method that both graftr and PEFT have (IA³ ↔ IA3, InA p=0 ↔ LoRA, linear gated prompts ↔
 AdaptionPrompt), a training step (forward, loss, backward, AdamW step on the trainable parameters) is timed for
-both, **alternating** methods round by round so machine drift cancels; medians after warm-up are reported as
-graftr/PEFT ratios. Every graftr method is also compared with the floor: the frozen base model's forward and
+both, **alternating** methods round by round (in a new order each round) so machine drift cancels; times are
+medians after warm-up, and a graftr/PEFT ratio is the median over rounds of the two steps' ratio in that round. Every graftr method is also compared with the floor: the frozen base model's forward and
 backward with gradients flowing back through every layer (input embeddings require grad), no optimizer.
 
 Memory is the training-step memory that differs between methods: bytes held for backward (tensors saved by
 autograd, deduplicated by storage) plus trainable parameters, their gradients and AdamW state. Also reported:
 ``graftr apply`` wall time for the Llama-2-7B structure on the meta device (cold: a fresh process), and inference
-tokens/s of IA³ merged into the weights vs the base.
+tokens/s of IA³ merged into the weights vs the base. For each graftr/PEFT pair, the time the step spends in its matrix
+products is also profiled: that time over PEFT's step is the lowest ratio any fusion or compilation could reach.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -151,6 +153,34 @@ class Runner:
         return saved.total + state  # params + grads + 2 AdamW moments when trained
 
 
+# The step's matrix products: the linear layers' (mm/addmm/bmm/baddbmm) and attention's (QKᵀ and PV, inside SDPA's
+# fused CPU kernels, forward and backward).
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def matmul_ms(runner: Runner, repeats: int) -> float:
+    """Milliseconds one training step spends in its matrix products (the kernels in ``_MATMULS``, measured in place
+    with ``torch.profiler``; median over ``repeats`` steps).
+
+    Any implementation of the same method computes these products, so their time over PEFT's step is the lowest
+    ratio that fusing or compiling everything else could reach.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    per_step = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            runner.step()
+        per_step.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in _MATMULS) / 1e3)
+    return statistics.median(per_step)
+
+
+def paired(a: Runner, b: Runner) -> float:
+    """Median over rounds of a's step time over b's in the same round (drift within a run cancels pairwise)."""
+    return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+
 def frozen_base(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -220,11 +250,13 @@ def main() -> int:
     for r in runners:  # warm-up (and compilation)
         for _ in range(2):
             r.step()
-    for _ in range(args.repeats):  # alternate: every method once per round
-        for r in runners:
+    order = random.Random(0)
+    for _ in range(args.repeats):  # alternate: every method once per round, in a new order each round, so that
+        for r in order.sample(runners, len(runners)):  # no method always runs after the same one
             r.times.append(r.step())
     med = {r.label: statistics.median(r.times) for r in runners}
     mem = {r.label: r.memory() for r in runners}
+    mm = {g.label: matmul_ms(g, 3) for _, g, p, _ in pairs if p is not None}
     floor = med["base (floor)"]
 
     rows = []
@@ -233,11 +265,13 @@ def main() -> int:
                "graftr_mem_mb": mem[g.label] / 2**20,
                "trainable": sum(x.numel() for x in g.params)}
         if p is not None:
-            row.update(peft_ms=1e3 * med[p.label], ratio_vs_peft=med[g.label] / med[p.label],
+            row.update(peft_ms=1e3 * med[p.label], ratio_vs_peft=paired(g, p),
                        peft_mem_mb=mem[p.label] / 2**20, mem_ratio_vs_peft=mem[g.label] / mem[p.label],
                        peft_trainable=sum(x.numel() for x in p.params))
+        if p is not None:  # the ratio graftr would reach if everything but its matrix products were free
+            row.update(matmul_ms=mm[g.label], matmul_bound_vs_peft=mm[g.label] / (1e3 * med[p.label]))
         if c is not None:
-            row.update(compiled_ms=1e3 * med[c.label], compiled_ratio_vs_peft=(med[c.label] / med[p.label]) if p else None,
+            row.update(compiled_ms=1e3 * med[c.label], compiled_ratio_vs_peft=paired(c, p) if p else None,
                        compiled_over_floor=med[c.label] / floor)
         rows.append(row)
 
@@ -277,7 +311,8 @@ def print_table(r: dict) -> None:
     print(f"# {r['command']}\n# {r['machine']}\n# {r['model']}, batch {r['batch']}, seq {r['seq']}, "
           f"medians of {r['repeats']} alternating rounds\n")
     print(f"floor (frozen base fwd+bwd): {r['floor_ms']:.1f} ms, {r['floor_mem_mb']:.0f} MB held for backward\n")
-    head = "| method | graftr ms | PEFT ms | graftr/PEFT | graftr/floor | compiled/PEFT | mem graftr MB | mem PEFT MB | mem ratio | trainable (graftr / PEFT) |"
+    head = ("| method | graftr ms | PEFT ms | graftr/PEFT | graftr/floor | compiled/PEFT | matmuls alone/PEFT | "
+            "mem graftr MB | mem PEFT MB | mem ratio | trainable (graftr / PEFT) |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
 
@@ -287,8 +322,8 @@ def print_table(r: dict) -> None:
     for m in r["methods"]:
         print(f"| {m['method']} | {m['graftr_ms']:.1f} | {f(m.get('peft_ms'), '.1f')} | "
               f"{f(m.get('ratio_vs_peft'), '.3f')} | {m['graftr_over_floor']:.3f} | "
-              f"{f(m.get('compiled_ratio_vs_peft'), '.3f')} | {m['graftr_mem_mb']:.0f} | "
-              f"{f(m.get('peft_mem_mb'), '.0f')} | {f(m.get('mem_ratio_vs_peft'), '.3f')} | "
+              f"{f(m.get('compiled_ratio_vs_peft'), '.3f')} | {f(m.get('matmul_bound_vs_peft'), '.3f')} | "
+              f"{m['graftr_mem_mb']:.2f} | {f(m.get('peft_mem_mb'), '.2f')} | {f(m.get('mem_ratio_vs_peft'), '.5f')} | "
               f"{m['trainable']:,} / {f(m.get('peft_trainable'), ',')} |")
     if r["inference"]:
         i = r["inference"]

@@ -93,7 +93,9 @@ class InA(LinearAdapter):
         if self.inhibition > 0:
             threshold = self.inhibition * z.max(dim=-1, keepdim=True).values
             z = ACTIVATIONS[self.activation](z - threshold)
-        return torch.add(y, F.linear(z, self.lora_B), alpha=self.scaling).to(y.dtype)  # y + s·Bz in one pass
+        # s folded into the (out, r) matrix, not applied to the (B, T, out) branch: backward then passes the output
+        # gradient straight through the add, with no full-size multiply (PEFT's `result + B(A x) * s` has two)
+        return (y + F.linear(z, self.lora_B * self.scaling)).to(y.dtype)
 
     def check_merge(self) -> None:
         if self.inhibition > 0:
