@@ -11,35 +11,14 @@ import pytest
 import torch
 from after_training_kit import cli_error, model_dir, randomize_and_save, tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from zoo import example_inputs, tiny_model
+from zoo import BERT_CLASSIFIER, IA3_TARGETS, example_inputs, ia3_recipe, tiny_model
 
 from graftr import cli, graft
 from graftr.recipe import parse_recipe
 from graftr.registry import kinds
 
-IA3 = {
-    "llama": """
-name: ia3_llama
-rules:
-  - {name: ia3_kv, match: {path: "model.layers.*.self_attn.{k_proj,v_proj}"}, adapter: {kind: ia3}}
-  - {name: ia3_ff, match: {path: "model.layers.*.mlp.down_proj"}, adapter: {kind: ia3, scale: input}}
-""",
-    "gpt2": """
-name: ia3_gpt2
-rules:
-  - {name: ia3_attn, match: {path: "transformer.h.*.attn.c_attn"}, adapter: {kind: ia3}}
-  - {name: ia3_ff, match: {path: "transformer.h.*.mlp.c_proj"}, adapter: {kind: ia3, scale: input}}
-""",
-    "bert": """
-name: ia3_bert_cls
-task: seq_cls
-num_labels: 3
-trainable_modules: [classifier]
-rules:
-  - {name: ia3_kv, match: {path: "bert.encoder.layer.*.attention.self.{key,value}"}, adapter: {kind: ia3}}
-  - {name: ia3_ff, match: {path: "bert.encoder.layer.*.output.dense"}, adapter: {kind: ia3, scale: input}}
-""",
-}
+IA3 = {arch: ia3_recipe(*IA3_TARGETS[arch], header=BERT_CLASSIFIER if arch == "bert" else "")
+       for arch in ("llama", "gpt2", "bert")}
 AUTO = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModelForSequenceClassification}
 
 

@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import torch
 from torch import fx, nn
-from zoo import example_inputs, tiny_model
+from zoo import BERT_CLASSIFIER, IA3_TARGETS, example_inputs, ia3_recipe, tiny_model
 
 from graftr import fxmeta, graft
 from graftr.errors import GraftrError
@@ -24,29 +24,11 @@ from graftr.sites import layer_of
 from graftr.trace import SDPA
 from graftr.zero import gathered_adapter_state
 
-LLAMA_IA3 = """
-name: t
-rules:
-  - {name: ia3_attn, match: {path: "model.layers.*.self_attn.{k_proj,v_proj}"}, adapter: {kind: ia3}}
-  - {name: ia3_ff, match: {path: "model.layers.*.mlp.down_proj"}, adapter: {kind: ia3, scale: input}}
-"""
+LLAMA_IA3 = ia3_recipe(*IA3_TARGETS["llama"])
 RECIPES = {
     "llama": LLAMA_IA3,
-    "gpt2": """
-name: t
-rules:
-  - {name: ia3_attn, match: {path: "transformer.h.*.attn.c_attn"}, adapter: {kind: ia3}}
-  - {name: ia3_ff, match: {path: "transformer.h.*.mlp.c_proj"}, adapter: {kind: ia3, scale: input}}
-""",
-    "bert": """
-name: t
-task: seq_cls
-num_labels: 3
-trainable_modules: [classifier]
-rules:
-  - {name: ia3_attn, match: {path: "bert.encoder.layer.*.attention.self.{key,value}"}, adapter: {kind: ia3}}
-  - {name: ia3_ff, match: {path: "bert.encoder.layer.*.output.dense"}, adapter: {kind: ia3, scale: input}}
-""",
+    "gpt2": ia3_recipe(*IA3_TARGETS["gpt2"]),
+    "bert": ia3_recipe(*IA3_TARGETS["bert"], header=BERT_CLASSIFIER),
     "t5": """
 name: t
 rules:

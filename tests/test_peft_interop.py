@@ -16,7 +16,7 @@ import torch
 from after_training_kit import cli_error, model_dir, randomize_and_save
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from zoo import example_inputs, tiny_model
+from zoo import IA3_TARGETS, example_inputs, ia3_recipe, tiny_model
 
 from graftr import GraftedModel, cli, graft, load_adapter
 from graftr.errors import GraftrError
@@ -27,20 +27,7 @@ peft = pytest.importorskip("peft")
 from peft import AdaptionPromptConfig, IA3Config, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
-IA3 = {  # PEFT's default IA3 targets for these families, written as graftr rules
-    "llama": ("model.layers.*.self_attn.{k_proj,v_proj}", "model.layers.*.mlp.down_proj"),
-    "gpt2": ("transformer.h.*.attn.c_attn", "transformer.h.*.mlp.c_proj"),
-}
 ATOL = 1e-5
-
-
-def ia3_recipe(output_path: str, input_path: str) -> str:
-    return f"""
-name: ia3
-rules:
-  - {{name: ia3_attn, match: {{path: "{output_path}"}}, adapter: {{kind: ia3}}}}
-  - {{name: ia3_ff, match: {{path: "{input_path}"}}, adapter: {{kind: ia3, scale: input}}}}
-"""
 
 
 def prompt_recipe(options: str = "gate: scalar", match: str = "{op: attention, layers: {last: 2}}") -> str:
@@ -82,7 +69,7 @@ def saved_layout(path) -> dict[str, tuple]:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_ia3_export_loads_in_stock_peft(arch, tmp_path):
     model = tiny_model(arch)
-    gm = randomize(graft(model, parse_recipe(ia3_recipe(*IA3[arch]))))
+    gm = randomize(graft(model, parse_recipe(ia3_recipe(*IA3_TARGETS[arch]))))
     inputs = example_inputs(model, 2, 9)
     ours = logits(gm, inputs)
     assert (ours - logits(model, inputs)).abs().max() > 1e-2  # the vectors are far from ones
@@ -137,7 +124,7 @@ def test_training_keeps_no_more_for_backward_than_peft(arch):
     # the grafted graph's default positions are one row broadcast over the batch, as in the HF forward, so its
     # rotary tables (GPT-2: position embeddings) are kept once, not per row; the rest is the same computation
     config = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0} if arch == "gpt2" else {}
-    ours = graft(tiny_model(arch, **config), parse_recipe(ia3_recipe(*IA3[arch])))
+    ours = graft(tiny_model(arch, **config), parse_recipe(ia3_recipe(*IA3_TARGETS[arch])))
     theirs = get_peft_model(tiny_model(arch, **config), IA3Config(task_type="CAUSAL_LM"))
     inputs = example_inputs(theirs, 4, 16)
     inputs = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"])}
@@ -306,14 +293,14 @@ def on_disk(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model = model_dir(root / "base", "llama", num_hidden_layers=3)
     recipes = {
-        "ia3": ia3_recipe(*IA3["llama"]),
+        "ia3": ia3_recipe(*IA3_TARGETS["llama"]),
         "prompt": prompt_recipe(),
         "tanh": prompt_recipe("gate: per_head_tanh"),
         "ina": """
 name: ina
 rules: [{name: ina, match: {path: "model.layers.*.self_attn.{q_proj,v_proj}"}, adapter: {kind: ina, inhibition: 0.3}}]
 """,
-        "mixed": ia3_recipe(*IA3["llama"]).replace("kind: ia3, scale: input", "kind: ina"),
+        "mixed": ia3_recipe(*IA3_TARGETS["llama"]).replace("kind: ia3, scale: input", "kind: ina"),
     }
     adapters = {name: randomize_and_save(graft(model, parse_recipe(text)), root / name)
                 for name, text in recipes.items()}

@@ -99,3 +99,23 @@ def example_inputs(model: torch.nn.Module, batch: int, seq: int, seed: int = 0) 
         else:
             inputs[name] = _mask(batch, length)
     return inputs
+
+
+# IA³'s targets per family, as HF PEFT places them: the attention projections whose outputs are scaled, and the
+# feed-forward layer whose input is scaled.
+IA3_TARGETS = {
+    "llama": ("model.layers.*.self_attn.{k_proj,v_proj}", "model.layers.*.mlp.down_proj"),
+    "gpt2": ("transformer.h.*.attn.c_attn", "transformer.h.*.mlp.c_proj"),
+    "bert": ("bert.encoder.layer.*.attention.self.{key,value}", "bert.encoder.layer.*.output.dense"),
+}
+BERT_CLASSIFIER = "task: seq_cls\nnum_labels: 3\ntrainable_modules: [classifier]\n"  # a recipe header
+
+
+def ia3_recipe(output_path: str, input_path: str, header: str = "") -> str:
+    """An IA³ recipe: rule ``ia3_attn`` scales the outputs at ``output_path``, ``ia3_ff`` the inputs at ``input_path``."""
+    return f"""
+name: ia3
+{header}rules:
+  - {{name: ia3_attn, match: {{path: "{output_path}"}}, adapter: {{kind: ia3}}}}
+  - {{name: ia3_ff, match: {{path: "{input_path}"}}, adapter: {{kind: ia3, scale: input}}}}
+"""
