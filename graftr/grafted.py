@@ -4,6 +4,11 @@
 named ``<site path>.<rule name>.<param>``). Calling it takes the HF model's keyword arguments and returns the HF
 output type; ``labels`` are turned into a loss outside the graph with transformers' own loss functions, so one
 traced graph serves training and inference. ``.train()``/``.eval()`` switch every dropout, adapters' included.
+
+In training mode, a language model whose logits come from a frozen linear head computes its loss with
+:func:`graftr.loss.linear_cross_entropy` instead: the graph runs up to the head's input, and the (tokens × vocab)
+logits are never kept for backward. Such a call returns ``loss`` with ``logits=None`` (set
+``model.fused_loss = False`` to get the logits in training too); in eval mode the logits are always returned.
 """
 
 from __future__ import annotations
@@ -15,22 +20,33 @@ import torch
 from torch import fx, nn
 
 from graftr import passes, trace as tracing
+from graftr.loss import linear_cross_entropy
 from graftr.errors import GraftrError, MergeError
 from graftr.sites import _boundary, find_sites
 
 _IGNORED_FLAGS = ("use_cache", "return_dict")
+_LM_LOSS_SHIFT = {"causal_lm": True, "masked_lm": False, "seq2seq_lm": False}  # tasks whose loss can be fused
 _FALSE_ONLY = ("output_attentions", "output_hidden_states")
 
 
 class GraftedModel(fx.GraphModule):
     """A traced HF model (optionally with adapters). Build it with :func:`graftr.graft` or :func:`prepare`."""
 
+    fused_loss = True  # training-mode LM loss from the head's input, without logits (see the module docstring)
+
     def recompile(self):
         result = super().recompile()
         cls = type(self)
         cls._graph_forward = cls.forward  # the generated code
         cls.forward = GraftedModel._hf_forward
+        self.__dict__["_graftr_head"] = None  # the graph changed: rebuild the fused-loss variant when next needed
         return result
+
+    def compile_graph(self, **options: Any) -> None:
+        """``torch.compile`` the generated graph code (and its fused-loss variant), not the keyword wrapper."""
+        self._graph_forward = torch.compile(type(self)._graph_forward.__get__(self), **options)
+        self.__dict__["_graftr_compile"] = options
+        self.__dict__["_graftr_head"] = None
 
     # ---- calling like the HF model -------------------------------------------------------------------------
     def _hf_forward(self, labels: torch.Tensor | None = None, **kwargs: Any):
@@ -57,10 +73,57 @@ class GraftedModel(fx.GraphModule):
                 kwargs[name] = (torch.zeros_like(like) if name == "token_type_ids" else torch.ones_like(like))
         if "position_ids" in names and kwargs.get("position_ids") is None:  # what the HF forward would use
             kwargs["position_ids"] = tracing.default_position_ids(self.graftr_position_ids, kwargs["attention_mask"])
-        out = self._graph_forward(**{n: kwargs[n] for n in names})
+        inputs = {n: kwargs[n] for n in names}
+        if labels is not None and self.training and self.fused_loss and self.task in _LM_LOSS_SHIFT:
+            head = self._fused_head()
+            if head is not None:
+                body, weight, bias = head
+                weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
+                if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+                    out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
+                    loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task])
+                    return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
+        out = self._graph_forward(**inputs)
         if labels is None:
             return out
         return type(out)(loss=self._loss(out, labels), **out)
+
+    def _fused_head(self) -> tuple[Any, str, str | None] | None:
+        """(the graph up to the logits' linear head, as a function of the inputs; head weight; head bias), or None
+        if the logits are not one linear of the head's input (Gemma-2's soft-capping, an adapter on the head)."""
+        head = self.__dict__.get("_graftr_head")
+        if head is None:
+            head = self.__dict__["_graftr_head"] = self._build_fused_head() or False
+        return head or None
+
+    @torch._dynamo.disable
+    def _build_fused_head(self) -> tuple[Any, str, str | None] | None:
+        codegen = self.graph._codegen
+        spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+        keys = list(getattr(spec, "context", None) or [])
+        if "logits" not in keys or spec.num_leaves != len(keys):
+            return None
+        leaves = self.graph.output_node().args[0]
+        node = leaves[keys.index("logits")]
+        if not (node.op == "call_function" and node.target is torch.ops.aten.linear.default and len(node.users) == 1
+                and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:])):
+            return None
+        graph, env = fx.Graph(), {}
+        graph.graph_copy(self.graph, env)
+        copied = [env[n] if isinstance(n, fx.Node) else n for n in leaves]
+        copied[keys.index("logits")] = env[node.args[0]]
+        graph.output(type(leaves)(copied))
+        graph.erase_node(env[node])
+        for param in node.args[1:]:
+            if not env[param].users:
+                graph.erase_node(env[param])
+        graph._codegen = codegen
+        code = graph.python_code(root_module="self")
+        body = fx.graph_module._forward_from_src(code.src, code.globals).__get__(self)
+        options = self.__dict__.get("_graftr_compile")
+        if options is not None:
+            body = torch.compile(body, **options)
+        return body, node.args[1].target, (node.args[2].target if len(node.args) > 2 else None)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.hf_config

@@ -165,7 +165,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     if cfg.compile:
         # compile the generated graph code (the HF-style keyword wrapper around it stays eager); dynamic batch and
         # sequence dims, so varying padded lengths do not recompile. Eval mode compiles once more.
-        gm._graph_forward = torch.compile(type(gm)._graph_forward.__get__(gm), dynamic=True)
+        gm.compile_graph(dynamic=True)
     trainable_names = {n: list(p.shape) for n, p in gm.named_parameters() if p.requires_grad}
     n_trainable, n_total = gm.trainable_counts()
 

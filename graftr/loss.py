@@ -1,0 +1,94 @@
+"""Cross-entropy of a frozen linear head, computed without keeping the logits for backward.
+
+A language model's loss is ``mean_i CE(W h_i + b, y_i)`` over the tokens whose label is not ``-100``. Computed the
+usual way, autograd keeps an (N, V) fp32 ``log_softmax`` for backward (65 MB for 512 tokens of a 32k vocabulary),
+and backward makes three more passes over N×V values. With the head frozen, the only gradient needed is
+
+    ∂L/∂h_i = (softmax(W h_i + b) − onehot(y_i))ᵀ W / n        (zero for ignored tokens; n = tokens scored)
+
+which :class:`LinearCrossEntropy` computes during the forward, chunk by chunk in place, keeping only the (N, D)
+result. Backward multiplies it by the incoming scalar gradient. In eager mode the logits of ignored tokens (a
+prompt masked out of the loss, padding) are not computed at all; a compiled graph, which cannot select rows by
+value, computes them and masks them. The arithmetic is transformers' own
+(``ForCausalLMLoss``, ``ForMaskedLMLoss``): logits in the model's dtype, upcast to fp32 for the softmax, the
+gradient cast back to the model's dtype for the product with ``W``; mean reduction, ``nan`` when nothing is scored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 1 << 27  # fp32 logits of one chunk: 128 MiB (1,048 tokens of a 32k vocabulary, 262 of a 128k one)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``mean CE(hidden @ weight.T + bias, labels)`` over labels ≠ -100, with the gradient for ``hidden`` only."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+        ctx.shape = hidden.shape
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        scored = labels != IGNORE_INDEX
+        count = scored.sum()
+        want_grad = ctx.needs_input_grad[0]
+        index = None
+        if not torch.compiler.is_compiling():  # eager: no logits at all for ignored tokens (prompt, padding)
+            index = scored.nonzero().squeeze(1)
+            if index.numel() == labels.numel():
+                index = None
+        if index is not None:
+            total, grad = _scored_rows(hidden.index_select(0, index), weight, bias, labels[index], None, count,
+                                       want_grad)
+            if grad is not None:
+                grad = torch.zeros_like(hidden).index_copy_(0, index, grad)
+        else:  # every row, the ignored ones masked (also the compiled path: no data-dependent shapes)
+            total, grad = _scored_rows(hidden, weight, bias, labels, scored, count, want_grad)
+        ctx.save_for_backward(grad)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad.view(ctx.shape) * grad_output.to(grad.dtype) if grad is not None else None), None, None, None
+
+
+def _scored_rows(hidden, weight, bias, labels, scored, count, want_grad):
+    """(Σ over scored rows of CE, its gradient for ``hidden`` divided by ``count``); ``scored=None``: every row."""
+    targets = (labels if scored is None else labels.masked_fill(~scored, 0))[:, None]
+    weight_1 = torch.ones_like(labels, dtype=torch.float32) if scored is None else scored.to(torch.float32)
+    row_scale = weight_1 / count  # 1/n for scored rows, 0 for ignored ones
+    grad = torch.empty_like(hidden) if want_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logp = torch.log_softmax(F.linear(hidden[rows], weight, bias).float(), dim=-1)  # one pass over the logits
+        loss = -logp.gather(1, targets[rows]).squeeze(1)
+        total += (loss if scored is None else torch.where(scored[rows], loss, 0.0)).sum()
+        if grad is not None:
+            probs = logp.exp_()  # softmax, in place
+            probs.scatter_add_(1, targets[rows], -weight_1[rows, None])  # − onehot (nothing on ignored rows)
+            if hidden.dtype == torch.float32:  # scale the (rows, D) product by 1/n (0 for ignored rows): D ≪ V
+                torch.mm(probs, weight, out=grad[rows])
+                grad[rows] *= row_scale[rows, None]
+            else:  # scale before rounding to the low precision, as transformers does
+                torch.mm(probs.mul_(row_scale[rows, None]).to(hidden.dtype), weight, out=grad[rows])
+    return total, grad
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                         *, shift: bool) -> torch.Tensor:
+    """The mean cross-entropy of ``F.linear(hidden, weight, bias)`` against ``labels`` (``-100`` ignored).
+
+    ``shift``: causal-LM labels, where position t predicts label t + 1 (transformers pads the labels with -100 and
+    shifts them left, so the last position is scored against nothing).
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_cross_entropy computes no gradient for the head; its weight must be frozen")
+    labels = labels.to(hidden.device)
+    if shift:
+        labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return LinearCrossEntropy.apply(hidden, weight, bias, labels)
