@@ -31,11 +31,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from graftr.errors import GraftrError
+from graftr.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:  # imported where used: recipes validate (graftr apply) without loading `datasets`
     import datasets
 
-IGNORE_INDEX = -100  # label of a token that is not learned (the cross-entropy ignore index)
 
 # The Stanford Alpaca templates exactly as in tatsu-lab/stanford_alpaca train.py (PROMPT_DICT).
 PROMPT_TEMPLATES: dict[str, dict[str, str]] = {

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from graftr.errors import GraftrError
+from graftr.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 LM_TASKS = ("causal_lm", "masked_lm", "seq2seq_lm")
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import fx, nn
 
 from graftr import passes, trace as tracing
-from graftr.loss import linear_cross_entropy
 from graftr.errors import GraftrError, MergeError
+from graftr.loss import IGNORE_INDEX, linear_cross_entropy
 from graftr.sites import _boundary, find_sites
 
 _IGNORED_FLAGS = ("use_cache", "return_dict")
@@ -103,15 +103,15 @@ class GraftedModel(fx.GraphModule):
         keys = list(getattr(spec, "context", None) or [])
         if "logits" not in keys or spec.num_leaves != len(keys):
             return None
-        leaves = self.graph.output_node().args[0]
-        node = leaves[keys.index("logits")]
+        leaves, at = self.graph.output_node().args[0], keys.index("logits")
+        node = leaves[at]
         if not (node.op == "call_function" and node.target is torch.ops.aten.linear.default and len(node.users) == 1
                 and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:])):
             return None
         graph, env = fx.Graph(), {}
         graph.graph_copy(self.graph, env)
         copied = [env[n] if isinstance(n, fx.Node) else n for n in leaves]
-        copied[keys.index("logits")] = env[node.args[0]]
+        copied[at] = env[node.args[0]]
         graph.output(type(leaves)(copied))
         graph.erase_node(env[node])
         for param in node.args[1:]:
@@ -130,7 +130,7 @@ class GraftedModel(fx.GraphModule):
         start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
         shifted = labels.new_full(labels.shape, start)
         shifted[:, 1:] = labels[:, :-1]
-        return shifted.masked_fill(shifted == -100, cfg.pad_token_id)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, cfg.pad_token_id)
 
     def _loss(self, out, labels: torch.Tensor) -> torch.Tensor:
         from transformers.loss.loss_utils import (ForCausalLMLoss, ForMaskedLMLoss, ForSequenceClassificationLoss,
@@ -143,7 +143,7 @@ class GraftedModel(fx.GraphModule):
         if task == "masked_lm":
             return ForMaskedLMLoss(logits, labels, vocab_size=vocab)
         if task == "seq2seq_lm":
-            return nn.functional.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+            return nn.functional.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         if task == "seq_cls":
             return ForSequenceClassificationLoss(labels, logits, cfg)
         if task == "token_cls":

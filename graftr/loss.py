@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a token that is not learned (the cross-entropy ignore index)
 CHUNK_BYTES = 1 << 27  # fp32 logits of one chunk: 128 MiB (1,048 tokens of a 32k vocabulary, 262 of a 128k one)
 
 

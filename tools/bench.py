@@ -270,7 +270,7 @@ def main() -> int:
             row.update(peft_ms=1e3 * med[p.label], ratio_vs_peft=paired(g, p),
                        peft_mem_mb=mem[p.label] / 2**20, mem_ratio_vs_peft=mem[g.label] / mem[p.label],
                        peft_trainable=sum(x.numel() for x in p.params))
-        if p is not None:  # the ratio graftr would reach if everything but its matrix products were free
+            # the ratio graftr would reach if everything but its matrix products were free
             row.update(matmul_ms=mm[g.label], matmul_bound_vs_peft=mm[g.label] / (1e3 * med[p.label]))
         if c is not None:
             row.update(compiled_ms=1e3 * med[c.label], compiled_ratio_vs_peft=paired(c, p) if p else None,

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from graftr.errors import GraftrError
+from graftr.loss import IGNORE_INDEX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IGNORE_INDEX = -100
 
 
 class EvalShard(Dataset):
