@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from graftr import passes, trace as tracing
 from graftr.errors import GraftrError, MergeError
-from graftr.loss import IGNORE_INDEX, linear_cross_entropy
+from graftr.loss import IGNORE_INDEX, Scratch, linear_cross_entropy
 from graftr.sites import _boundary, find_sites
 
 _IGNORED_FLAGS = ("use_cache", "return_dict")
@@ -81,7 +81,10 @@ class GraftedModel(fx.GraphModule):
                 weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
                 if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
                     out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
-                    loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task])
+                    hidden = out.logits
+                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch()) if hidden.is_cpu else None
+                    loss = linear_cross_entropy(hidden, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task],
+                                                scratch=scratch)  # on CUDA, the caching allocator reuses memory
                     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
         out = self._graph_forward(**inputs)
         if labels is None:

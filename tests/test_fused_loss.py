@@ -122,3 +122,29 @@ def test_linear_cross_entropy_in_chunks_equals_cross_entropy_of_the_logits(monke
     assert torch.isnan(fused.linear_cross_entropy(hidden, weight, None, ignored, shift=False))
     with pytest.raises(ValueError, match="frozen"):
         fused.linear_cross_entropy(hidden, weight.requires_grad_(), None, labels, shift=False)
+
+
+def test_a_scratch_is_reused_across_calls_and_changes_no_result(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 8, generator=gen)
+    batches = [(torch.randn(3, 5, 8, generator=gen, requires_grad=True), torch.randint(0, 40, (3, 5), generator=gen))
+               for _ in range(2)]
+    monkeypatch.setattr(fused, "CHUNK_BYTES", 4 * 40 * 4)  # chunks of 4 rows
+    refs = []
+    for hidden, labels in batches:
+        ref_hidden = hidden.detach().clone().requires_grad_()
+        ref = F.cross_entropy(F.linear(ref_hidden, weight).reshape(-1, 40), labels.reshape(-1))
+        ref.backward()
+        refs.append((ref, ref_hidden.grad))
+    scratch = fused.Scratch()
+    losses = [fused.linear_cross_entropy(h, weight, None, y, shift=False, scratch=scratch) for h, y in batches]
+    buffer = scratch.buffer
+    assert buffer is not None and buffer.numel() == 4 * 40  # one chunk's logits, kept
+    for loss, (hidden, _), (ref, ref_grad) in zip(losses, batches, refs):  # both backwards after both forwards:
+        loss.backward()                                                    # nothing depends on the scratch's content
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(hidden.grad, ref_grad)
+    assert scratch.buffer is buffer  # reused, not reallocated
+    model, gm, batch, labels = _lm("llama")
+    gm(**batch, labels=labels)
+    assert gm.__dict__["_graftr_scratch"].buffer is not None  # the grafted model keeps one on CPU

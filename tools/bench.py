@@ -12,8 +12,8 @@ backward with gradients flowing back through every layer (input embeddings requi
 Memory is the training-step memory that differs between methods: bytes held for backward (tensors saved by
 autograd, deduplicated by storage) plus trainable parameters, their gradients and AdamW state. Also reported:
 ``graftr apply`` wall time for the Llama-2-7B structure on the meta device (cold: a fresh process), and inference
-tokens/s of IA³ merged into the weights vs the base. For each graftr/PEFT pair, the time the step spends in its matrix
-products is also profiled: that time over PEFT's step is the lowest ratio any fusion or compilation could reach.
+tokens/s of IA³ merged into the weights vs the base. For each graftr/PEFT pair, the share of graftr's step spent in its
+matrix products is also profiled: that share times graftr/PEFT is the lowest ratio any fusion or compilation could reach.
 """
 
 from __future__ import annotations
@@ -159,21 +159,22 @@ _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_sca
             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def matmul_ms(runner: Runner, repeats: int) -> float:
-    """Milliseconds one training step spends in its matrix products (the kernels in ``_MATMULS``, measured in place
-    with ``torch.profiler``; median over ``repeats`` steps).
+def matmul_share(runner: Runner, repeats: int) -> float:
+    """The share of one training step's wall time spent in its matrix products (the kernels in ``_MATMULS``, measured
+    in place with ``torch.profiler``; median over ``repeats`` steps).
 
-    Any implementation of the same method computes these products, so their time over PEFT's step is the lowest
-    ratio that fusing or compiling everything else could reach.
+    Any implementation of the same method computes these products, so this share times the graftr/PEFT ratio is the
+    lowest ratio that fusing or compiling everything else could reach. A share, not a time, because it is measured
+    after the alternating rounds, where machine drift would not cancel.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    per_step = []
+    shares = []
     for _ in range(repeats):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            runner.step()
-        per_step.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in _MATMULS) / 1e3)
-    return statistics.median(per_step)
+            wall = runner.step()
+        shares.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in _MATMULS) / 1e6 / wall)
+    return statistics.median(shares)
 
 
 def paired(a: Runner, b: Runner) -> float:
@@ -258,7 +259,7 @@ def main() -> int:
             r.times.append(r.step())
     med = {r.label: statistics.median(r.times) for r in runners}
     mem = {r.label: r.memory() for r in runners}
-    mm = {g.label: matmul_ms(g, 3) for _, g, p, _ in pairs if p is not None}
+    mm = {g.label: matmul_share(g, 5) for _, g, p, _ in pairs if p is not None}
     floor = med["base (floor)"]
 
     rows = []
@@ -271,7 +272,7 @@ def main() -> int:
                        peft_mem_mb=mem[p.label] / 2**20, mem_ratio_vs_peft=mem[g.label] / mem[p.label],
                        peft_trainable=sum(x.numel() for x in p.params))
             # the ratio graftr would reach if everything but its matrix products were free
-            row.update(matmul_ms=mm[g.label], matmul_bound_vs_peft=mm[g.label] / (1e3 * med[p.label]))
+            row.update(matmul_share=mm[g.label], matmul_bound_vs_peft=mm[g.label] * row["ratio_vs_peft"])
         if c is not None:
             row.update(compiled_ms=1e3 * med[c.label], compiled_ratio_vs_peft=paired(c, p) if p else None,
                        compiled_over_floor=med[c.label] / floor)
