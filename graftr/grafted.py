@@ -81,10 +81,9 @@ class GraftedModel(fx.GraphModule):
                 weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
                 if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
                     out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
-                    hidden = out.logits
-                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch()) if hidden.is_cpu else None
-                    loss = linear_cross_entropy(hidden, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task],
-                                                scratch=scratch)  # on CUDA, the caching allocator reuses memory
+                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch())
+                    loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task],
+                                                scratch=scratch)
                     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
         out = self._graph_forward(**inputs)
         if labels is None:

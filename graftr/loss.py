@@ -32,13 +32,16 @@ CHUNK_BYTES = 1 << 27  # fp32 logits of one chunk: 128 MiB (1,048 tokens of a 32
 class Scratch:
     """A float32 buffer reused for the logits chunks of successive calls (see the module docstring).
 
-    One per model: calls that share a scratch must not run concurrently. It grows to the largest chunk seen.
+    One per model: calls that share a scratch must not run concurrently. It grows to the largest chunk seen. It
+    keeps CPU buffers only: on CUDA, the caching allocator already reuses the memory of a freed buffer.
     """
 
     def __init__(self):
         self.buffer: torch.Tensor | None = None
 
     def take(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty((rows, cols), dtype=torch.float32, device=device)
         numel = rows * cols
         if self.buffer is None or self.buffer.numel() < numel or self.buffer.device != device:
             self.buffer = None  # free the old buffer before allocating its replacement
