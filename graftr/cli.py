@@ -17,8 +17,10 @@ from rich.table import Table
 
 from graftr.errors import GraftrError
 
-out = Console(soft_wrap=True)  # long paths and notes stay on one line (grep-able)
-err = Console(stderr=True, soft_wrap=True)
+# long paths and notes stay on one line (grep-able); piped output (grep, files, CI logs) is not cut at 80 columns,
+# so tables keep whole module paths
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 
 def _fmt(n: int) -> str:

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from graftr.configmodel import ConfigModel
 from graftr.errors import GraftrError
 from graftr.loss import IGNORE_INDEX
 
@@ -77,7 +78,7 @@ _SPLIT_FILE = re.compile(r"(train|validation|valid|dev|test)([-_.].*)?", re.IGNO
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation"}
 
 
-class DataConfig(BaseModel):
+class DataConfig(ConfigModel):
     """The ``data:`` part of a recipe's train section."""
 
     model_config = ConfigDict(extra="forbid")

@@ -1,19 +1,26 @@
-"""Exporting: write a trained graftr adapter in Hugging Face PEFT's format.
+"""Exporting: write an adapter in the other format, graftr's or Hugging Face PEFT's.
 
-``graftr export ADAPTER --format peft --out DIR`` builds the base model's structure on the meta device (no weight is
-read: an adapter's tensors are all an export needs), grafts the adapter's recipe onto it, loads the adapter's tensors
-(so every exported tensor is real data), and writes ``adapter_config.json`` + ``adapter_model.safetensors`` with
-:func:`graftr.peft_format.export_peft`, atomically. What maps (see :mod:`graftr.peft_format`):
+``graftr export ADAPTER --out DIR`` builds the base model's structure on the meta device (no weight is read: an
+adapter's tensors are all an export needs), grafts the adapter onto it, loads its tensors (so every written tensor is
+real data, and every tensor must have found its parameter), and writes the other format atomically:
 
-* ``ina`` → ``LORA`` with ``lora_inhibition`` (InA's published format; stock PEFT ignores that field and runs plain
+* a **graftr adapter** (``manifest.json``, ``recipe.yaml``, ``adapter.safetensors``) → PEFT's
+  ``adapter_config.json`` + ``adapter_model.safetensors`` with :func:`graftr.peft_format.export_peft`;
+* a **PEFT adapter** (``adapter_config.json``, no manifest) → a graftr adapter, imported with
+  :func:`graftr.peft_format.import_peft` (InA's ``lora_inhibition`` honoured) and saved with
+  :func:`graftr.io.save_adapter`. This checks a published adapter against a base without downloading its weights.
+
+What maps (see :mod:`graftr.peft_format`):
+
+* ``ina`` ↔ ``LORA`` with ``lora_inhibition`` (InA's published format; stock PEFT ignores that field and runs plain
   LoRA, so an adapter with inhibition > 0 must be loaded with graftr to run as trained: a note says so);
-* ``ia3`` → ``IA3``;
+* ``ia3`` ↔ ``IA3``;
 * ``gated_prompt`` (``prompt: linear``, ``gate: scalar``, on the last N blocks of a llama/mistral without an o_proj
-  bias) → ``ADAPTION_PROMPT``.
+  bias) ↔ ``ADAPTION_PROMPT``.
 
 Anything else is refused with the reason before anything is written, as is an adapter made for a base with a
-different structure than ``--model``. The base defaults to the one recorded in the adapter's manifest and ends up
-as the PEFT config's ``base_model_name_or_path``.
+different structure than ``--model``. The base defaults to the one recorded in the adapter (the manifest's, or the
+PEFT config's ``base_model_name_or_path``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 
 from graftr.errors import AdapterLoadError, GraftrError
 
-FORMATS = ("peft",)
+FORMATS = ("peft", "graftr")
 
 
 def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
@@ -38,9 +45,8 @@ def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
     path = Path(adapter)
     if not path.is_dir():
         raise AdapterLoadError(f"adapter directory {adapter} does not exist")
-    if peft_adapter_config(path) is not None:
-        raise GraftrError(f"{adapter} is already a PEFT adapter (adapter_config.json, no manifest.json); there is "
-                          "nothing to export")
+    if (peft := peft_adapter_config(path)) is not None:
+        return _peft_on_structure(path, peft, model_arg, console)
     manifest = read_manifest(path)
     if not (path / RECIPE).is_file():
         raise AdapterLoadError(f"{adapter} is incomplete: {RECIPE} is missing")
@@ -61,28 +67,67 @@ def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
     return gm
 
 
+def _peft_on_structure(path: Path, peft: dict, model_arg: str | None, console):
+    from graftr.models import build_model, infer_task, resolve
+    from graftr.peft_format import TASKS, import_peft, peft_num_labels
+
+    model_id = model_arg or peft.get("base_model_name_or_path")
+    if not model_id:
+        raise GraftrError(f"{path}: the PEFT config names no base_model_name_or_path: pass --model (a model "
+                          "directory, a config.json or a hub id)")
+    source = resolve(model_id)
+    if console is not None and source.note:
+        console.print(f"[yellow]note:[/] {source.note}")
+    task = TASKS.get(peft.get("task_type")) or infer_task(source.config)
+    gm = import_peft(build_model(source.config, task, device="meta", num_labels=peft_num_labels(path)), path)
+    gm.model_id = source.model_id
+    return gm
+
+
 # --------------------------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("adapter", help="a graftr adapter directory (from train or apply)")
-    parser.add_argument("--format", choices=FORMATS, default="peft",
-                        help="the format to write: peft (HF PEFT's adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--model", help="the base model (a directory, a config.json or a cached hub id); only its "
-                                        "structure is read; default: the base recorded in the adapter")
+    parser.add_argument("adapter", help="a graftr adapter directory (from train or apply) or a PEFT adapter directory")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="the format to write: peft (HF PEFT's adapter_config.json + adapter_model.safetensors) "
+                             "or graftr (manifest.json, recipe.yaml, adapter.safetensors); default: the other one")
+    parser.add_argument("--model", help="the base model (a directory, a config.json or a hub id with a local copy or "
+                                        "a bundled snapshot); only its structure is read; default: the base recorded "
+                                        "in the adapter")
     parser.add_argument("--out", required=True, help="the adapter directory to write")
 
 
 def main(args) -> int:
     from graftr.cli import out
+    from graftr.peft_format import peft_adapter_config
+
+    path = Path(args.adapter)
+    source_format = "peft" if path.is_dir() and peft_adapter_config(path) is not None else "graftr"
+    target = args.format or ("graftr" if source_format == "peft" else "peft")
+    if target == source_format:
+        what = ("a PEFT adapter (adapter_config.json, no manifest.json)" if source_format == "peft"
+                else "a graftr adapter")
+        raise GraftrError(f"{args.adapter} is already {what}; there is nothing to export to --format {target}")
+    gm = load_on_structure(args.adapter, args.model, console=out)
+    sites = sum(len(plan.sites) for plan in gm.plans)
+    kinds = ", ".join(sorted({plan.rule.adapter.kind for plan in gm.plans}))
+    if target == "graftr":
+        from graftr.io import save_adapter
+
+        save_adapter(gm, Path(args.out))
+        adapter = gm.plans[0].rule.adapter
+        options = ", ".join(f"{k} {v}" for k, v in adapter.model_dump(exclude={"kind"}).items())
+        head = ", ".join(gm.recipe.trainable_modules)
+        out.print(f"wrote a graftr adapter ({kinds} on {sites} modules: {options}"
+                  f"{'; trained modules ' + head if head else ''}; {len(gm.adapter_state_dict())} tensors, base "
+                  f"{gm.model_id}) to {args.out}")
+        return 0
     from graftr.peft_format import export_peft
 
-    gm = load_on_structure(args.adapter, args.model, console=out)
-    kinds = sorted({plan.rule.adapter.kind for plan in gm.plans})
     export_peft(gm, Path(args.out))
     config = json.loads((Path(args.out) / "adapter_config.json").read_text())
-    sites = sum(len(plan.sites) for plan in gm.plans)
-    out.print(f"wrote a PEFT {config['peft_type']} adapter ({', '.join(kinds)} on {sites} modules, base "
+    out.print(f"wrote a PEFT {config['peft_type']} adapter ({kinds} on {sites} modules, base "
               f"{config['base_model_name_or_path']}) to {args.out}")
     if config.get("lora_inhibition"):
         out.print(f"[yellow]note:[/] lora_inhibition {config['lora_inhibition']}: stock PEFT ignores this field and "

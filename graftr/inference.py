@@ -44,7 +44,7 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
     from graftr.grafted import prepare
     from graftr.io import RECIPE, check_made_for, load_adapter, read_manifest
     from graftr.models import infer_task, load_model, resolve
-    from graftr.peft_format import TASKS, import_peft, peft_adapter_config
+    from graftr.peft_format import TASKS, import_peft, peft_adapter_config, peft_num_labels
     from graftr.recipe import load_recipe
 
     manifest = recipe = peft = None
@@ -67,7 +67,8 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
     task = ((recipe.task if recipe else None) or (manifest or {}).get("task")
             or TASKS.get((peft or {}).get("task_type")) or infer_task(source.config))
     labels = _trained_labels(manifest, task)
-    num_labels = (recipe.num_labels if recipe else None) or (len(labels) if labels else None)
+    num_labels = ((recipe.num_labels if recipe else None) or (len(labels) if labels else None)
+                  or (peft_num_labels(adapter) if peft is not None else None))
     model = load_model(source, task, dtype=dtype, num_labels=num_labels)
     if labels and len(labels) == model.config.num_labels:  # the label names the adapter was trained with
         model.config.id2label = dict(enumerate(labels))

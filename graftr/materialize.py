@@ -9,9 +9,13 @@ checkpoint share them, and peak memory is one copy of the weights (plus the cast
 Names
     The graph keeps the HF names, so a checkpoint key is found as the tensor's own name, or with the model's
     ``base_model_prefix`` removed or added (a ``BertModel`` checkpoint loads into ``BertForSequenceClassification``
-    and the other way round), after the legacy ``LayerNorm.gamma``/``LayerNorm.beta`` renaming transformers
-    applies to every model. Tied tensors (``lm_head.weight`` and ``model.embed_tokens.weight`` are one
-    ``Parameter``) are loaded once, from whichever of their names the checkpoint has.
+    and the other way round), after the renaming ``from_pretrained`` applies to it: transformers' own weight
+    renamings for the model (looked up by class name and ``model_type`` for every ``PreTrainedModel`` in it, e.g.
+    GPT-NeoX's ``embed_out`` → ``lm_head``) and its legacy ones (``LayerNorm.gamma``/``beta`` → ``weight``/``bias``);
+    a key kept as stored when its renamed form names no tensor but the stored one does, as transformers does. A
+    key transformers loads through a tensor conversion (merging, splitting, permuting) raises :class:`GraftrError`
+    naming it, as graftr loads tensors unchanged. Tied tensors (``lm_head.weight`` and ``model.embed_tokens.weight``
+    are one ``Parameter``) are loaded once, from whichever of their names the checkpoint has.
 What the checkpoint lacks
     is initialised as ``from_pretrained`` does (transformers 5): the owning module is built on CPU from a ``meta``
     twin of the HF model and given to its ``PreTrainedModel._init_weights`` (then each ancestor's, children
@@ -42,14 +46,18 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import fx, nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
 
 from graftr.errors import GraftrError
 from graftr.models import build_model
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# transformers' "legacy" renaming, applied to every checkpoint it loads
-_LEGACY = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
 
 
 def build_empty(config, task: str | None = None, *, dtype: torch.dtype | None = None,
@@ -98,8 +106,8 @@ def _entries(gm: nn.Module) -> list[_Entry]:
     return list(by_id.values())
 
 
-def _checkpoint_keys(directory: Path) -> dict[str, tuple[Path, str]]:
-    """Every checkpoint key (legacy names normalised) → (file, key as stored), from the index or the single file."""
+def _stored_keys(directory: Path) -> dict[str, Path]:
+    """Every checkpoint key as stored → its file, from the index or the single file."""
     if (directory / INDEX).is_file():
         try:
             weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
@@ -114,12 +122,38 @@ def _checkpoint_keys(directory: Path) -> dict[str, tuple[Path, str]]:
             stored = {key: directory / SINGLE for key in f.keys()}
     else:
         raise GraftrError(f"{directory} has no {SINGLE} or {INDEX} (graftr loads safetensors checkpoints only)")
-    keys = {}
-    for key, file in stored.items():
-        normal = key
-        for old, new in _LEGACY:
-            if normal.endswith(old):
-                normal = normal[: -len(old)] + new
+    return stored
+
+
+def _checkpoint_keys(stored: dict[str, Path], twin: nn.Module, names: set[str],
+                     prefix: str) -> dict[str, tuple[Path, str]]:
+    """The name each checkpoint key loads as → (file, key as stored), renamed as ``from_pretrained`` renames it.
+
+    The rules are transformers' own for ``twin`` (the HF model, with its ``PreTrainedModel`` sub-models) plus its
+    legacy ones, applied by transformers' ``rename_source_key``. As in transformers, a key whose renamed form is
+    no tensor of the model (``names``, with or without ``prefix``) but whose stored form is keeps its stored form.
+    """
+    transforms = get_model_conversion_mapping(twin)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def known(name: str) -> bool:
+        return any(c in names for c in _candidates(name, prefix))
+
+    keys: dict[str, tuple[Path, str]] = {}
+    for key in sorted(stored):
+        file = stored[key]
+        normal, pattern = rename_source_key(key, renamings, converters)
+        if not known(normal) and known(key):
+            normal, pattern = key, None
+        if pattern is not None and known(normal):
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            ops = ", ".join(type(op).__name__ for op in converter.operations)
+            raise GraftrError(f"checkpoint key {key} ({file.name}) is loaded by transformers as {normal} through a "
+                              f"tensor conversion ({ops}) that graftr cannot apply; convert the checkpoint first "
+                              "(from_pretrained, then save_pretrained)")
+        if normal in keys:
+            raise GraftrError(f"checkpoint keys {keys[normal][1]} and {key} both load as {normal}")
         keys[normal] = (file, key)
     return keys
 
@@ -208,14 +242,16 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
 
     Returns the report: a line listing the tensors newly initialised because the checkpoint lacks them, and one
     listing checkpoint keys that no tensor of the model uses (ignored), when there are any.
-    Raises :class:`GraftrError` for a missing checkpoint, a shape mismatch (naming the tensor) or a dtype that
-    differs from the traced one.
+    Raises :class:`GraftrError` for a missing checkpoint, a shape mismatch (naming the tensor), a checkpoint key
+    transformers would load through a tensor conversion (naming the key) or a dtype that differs from the traced
+    one.
     """
     directory = Path(directory)
     cls = _hf_class(gm)
-    keys = _checkpoint_keys(directory)
+    stored = _stored_keys(directory)
     entries = _entries(gm)
-    twin = _twin(gm, cls) if any(e.kind == "buffer" for e in entries) else None
+    twin = _twin(gm, cls)
+    keys = _checkpoint_keys(stored, twin, {n for e in entries for n in e.names}, cls.base_model_prefix)
 
     def persistent(entry: _Entry) -> bool:
         owner, _, local = entry.name.rpartition(".")
@@ -248,7 +284,6 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
 
     report = []
     if missing:
-        twin = twin or _twin(gm, cls)
         values = _initialise(twin, [e.name for e in missing])
         for entry in missing:  # made in the twin's dtype; cast to the traced one
             _set(gm, entry, values[entry.name].to(_target_dtype(entry, entry.tensor.dtype, dtype)))

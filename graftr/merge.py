@@ -8,7 +8,9 @@ included) and the tokenizer files of the source. Parameter names do not change, 
 environment without graftr.
 
 Everything that can refuse does so before anything is written: an adapter kind that cannot be merged (the
-message says why), an adapter on a weight tied to another one (merging would change both), a mismatched base.
+message says why; read from the adapter's recipe or PEFT config before any base weight is), an adapter on a weight
+tied to another one (merging would change both), a mismatched base.
+
 The output directory is written atomically (:func:`graftr.io.write_dir_atomically`); an existing directory is
 replaced only if it holds a ``config.json``.
 """
@@ -45,6 +47,43 @@ def merge_into_hf(loaded: Loaded) -> nn.Module:
             if name in state:
                 tensor.copy_(state[name])
     return hf
+
+
+def refusal_before_loading(adapter: str) -> str | None:
+    """Why the adapter directory ``adapter`` cannot be merged, as far as its recipe (or PEFT config) tells, else
+    None: ``graftr merge`` refuses before it reads gigabytes of base weights for nothing. :meth:`GraftedModel.merge_`
+    still checks every site of the grafted model."""
+    from pydantic import ValidationError
+
+    from graftr import registry
+    from graftr.errors import GraftrError
+    from graftr.io import RECIPE
+    from graftr.peft_format import peft_adapter_config, peft_adapters
+    from graftr.recipe import load_recipe
+
+    path = Path(adapter)
+    peft = peft_adapter_config(path) if path.is_dir() else None
+    if peft is not None:
+        adapters = [(f"PEFT {peft.get('peft_type')} adapter", data) for data in peft_adapters(peft)]
+    elif (path / RECIPE).is_file():
+        adapters = [(f"rule {rule.name!r}", rule.adapter.model_dump()) for rule in load_recipe(path / RECIPE).rules]
+    else:
+        return None  # loading the adapter reports what is wrong with it
+    for what, data in adapters:
+        try:
+            kind = registry.get_kind(data["kind"])
+        except GraftrError:
+            continue
+        if "linear" not in kind.ops:
+            return (f"{what} ({kind.name}) attaches to attention blocks: attention adapters cannot be merged into "
+                    "weights; they add computation of their own")
+        try:
+            config = kind.config_cls.model_validate(data)
+        except ValidationError:
+            continue
+        if (reason := kind.module_cls.merge_refusal(config)) is not None:
+            return f"{what}: {reason}"
+    return None
 
 
 def _tied_names(hf: nn.Module) -> set[str]:
@@ -101,6 +140,8 @@ def main(args) -> int:
     from graftr.cli import out
     from graftr.inference import load_for_inference
 
+    if (reason := refusal_before_loading(args.adapter)) is not None:
+        raise MergeError(reason)
     loaded = load_for_inference(args.model, args.adapter, dtype=torch.float32, console=out)
     plans = [(p.name, p.rule.adapter.kind, len(p.sites)) for p in loaded.gm.plans]
     hf = merge_into_hf(loaded)

@@ -125,7 +125,9 @@ def rewrite(gm: fx.GraphModule, plans: list[RulePlan]) -> list[RulePlan]:
                 node.meta[fxmeta.RULE] = plan.rule.name
         try:
             gm.graph.lint()
-        except Exception as e:  # lint raises RuntimeError/AssertionError with a description of the bad node
-            raise GraftrError(f"rewrite pass for rule {plan.rule.name!r} produced an invalid graph: {e}") from e
+        except Exception as e:  # lint raises RuntimeError/AssertionError describing the bad node (and dumping the graph)
+            problem = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise GraftrError(f"rewrite pass for rule {plan.rule.name!r} ({plan.rule.adapter.kind}) produced an invalid "
+                              f"graph: {problem}") from e
     gm.recompile()
     return plans

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from graftr.errors import AdapterLoadError, GraftrError
@@ -87,6 +87,34 @@ def peft_adapter_config(path) -> dict | None:
     if not (path / CONFIG).is_file() or (path / MANIFEST).exists():
         return None
     return _read_config(path)
+
+
+def peft_num_labels(path) -> int | None:
+    """The number of labels of a classification adapter's saved head (the rows of its output weight: ``classifier``
+    ``.out_proj``, ``classifier`` or ``score``), read from the safetensors header only; None for other adapters.
+    The base must be built with this many labels for the head to load (MNLI's three, not the config's default two)."""
+    path = Path(path)
+    config = peft_adapter_config(path)
+    if config is None or config.get("task_type") not in _HEAD_TASK_TYPES or not (path / WEIGHTS).is_file():
+        return None
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            shapes = {_SAVED_WRAPPER.sub(".", key).removeprefix(PREFIX): key for key in f.keys()}
+            for head in ("classifier.out_proj.weight", "classifier.weight", "score.weight"):
+                if head in shapes:
+                    return int(f.get_slice(shapes[head]).get_shape()[0])
+    except (SafetensorError, OSError):
+        return None  # reading the tensors reports it, with the file's name
+    return None
+
+
+def peft_adapters(config: dict) -> list[dict]:
+    """The graftr adapters (kind and the options the config alone decides) a PEFT config imports as; for checks
+    made before any tensor or weight is read. The import itself validates everything."""
+    if config.get("peft_type") == "LORA":
+        return [_lora_adapter(config)]
+    kind = {"IA3": "ia3", "ADAPTION_PROMPT": "gated_prompt"}.get(config.get("peft_type"))
+    return [{"kind": kind}] if kind else []
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------------
@@ -369,13 +397,17 @@ _LORA_REFUSED = {
 }
 
 
+def _lora_adapter(config: dict) -> dict:
+    inhibition = config.get("lora_inhibition")
+    return {"kind": "ina", "rank": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
+            "dropout": config.get("lora_dropout", 0.0), "inhibition": 0.0 if inhibition is None else inhibition}
+
+
 def _import_lora(model, config: dict, tensors: dict, where: str) -> GraftedModel:
     _check_options(config, _LORA_KNOWN, _LORA_REFUSED, where)
     gm, saved = _prepare_for_import(model, config)
     selected = _peft_targets(model, gm, config, saved, where)
-    adapter = {"kind": "ina", "rank": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
-               "dropout": config.get("lora_dropout", 0.0), "inhibition": config.get("lora_inhibition") or 0.0}
-    rules = [{"name": "ina", "match": _peft_match(config, selected, saved, gm), "adapter": adapter}]
+    rules = [{"name": "ina", "match": _peft_match(config, selected, saved, gm), "adapter": _lora_adapter(config)}]
     recipe = _build_recipe(_recipe_data(gm, config, where, saved, rules), where)
     gm = graft(gm, recipe, model_id=config.get("base_model_name_or_path"))
     load_state_into(gm, _checked_tensors(gm, tensors, _peft_keys(gm, ".weight"), where), where)

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
                       create_model, field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from graftr import registry
+from graftr.configmodel import Boolean, ConfigModel
 from graftr.errors import GraftrError, MatchError, RecipeError
 from graftr.registry import AdapterConfig
 from graftr.selectors import LayerSelect, compile_glob
@@ -53,7 +54,7 @@ ClassNames = Annotated[list[Annotated[str, Field(pattern=_IDENTIFIER)]],
                        BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
 
 
-class Match(BaseModel):
+class Match(ConfigModel):
     """Which sites a rule selects. Every selector given must hold; ``layers`` and ``exclude`` only narrow."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
@@ -119,7 +120,7 @@ class Match(BaseModel):
         return " ".join(parts)
 
 
-class Rule(BaseModel):
+class Rule(ConfigModel):
     """One rule: the sites it selects and the adapter attached to each. Validate through :func:`recipe_model`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -130,7 +131,7 @@ class Rule(BaseModel):
     adapter: AdapterConfig = Field(description="adapter config; `kind` picks one of the registered adapter kinds")
 
 
-class Recipe(BaseModel):
+class Recipe(ConfigModel):
     """A whole recipe. Validate through :func:`recipe_model` (or :func:`parse_recipe`), which knows the kinds."""
 
     model_config = ConfigDict(extra="forbid")
@@ -264,7 +265,7 @@ def _problem(root: yaml.Node, error: dict) -> tuple[int, str, str]:
         what = f"unknown adapter kind {tag!r}" if tag is not None else "missing adapter kind"
         message = f"{what}; registered kinds: {', '.join(sorted(registry.kinds()))}"
     value = error["input"]
-    if isinstance(value, (str, int, float)) and error["type"] != "extra_forbidden" and repr(value) not in message:
+    if isinstance(value, (str, int, float, Boolean)) and error["type"] != "extra_forbidden" and repr(value) not in message:
         message += f", got {value!r}"
     return (*_locate(root, loc), message)
 

@@ -27,14 +27,15 @@ import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from graftr.configmodel import ConfigModel
 from graftr.errors import GraftrError
 
 SITE_OPS = ("linear", "attention")
 
 
-class AdapterConfig(BaseModel):
+class AdapterConfig(ConfigModel):
     """Base of every adapter kind's config. Subclasses add ``kind: Literal["..."]`` and their options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -19,7 +19,9 @@ import itertools
 import re
 import string
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import ConfigDict, Field, model_serializer, model_validator
+
+from graftr.configmodel import ConfigModel
 
 _ALLOWED = frozenset(string.ascii_letters + string.digits + "_.*?{},-")
 
@@ -87,7 +89,7 @@ def _translate(glob: str, bad) -> str:
     return out
 
 
-class LayerSelect(BaseModel):
+class LayerSelect(ConfigModel):
     """Which layers of each layer stack a rule applies to: exactly one of ``first``, ``last``, ``indices``, ``range``.
 
     Selection is per stack, so ``last: 2`` on T5 picks the last two encoder blocks and the last two decoder blocks.

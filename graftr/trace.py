@@ -397,6 +397,12 @@ def to_graph_module(ep: torch.export.ExportedProgram, cls: type[fx.GraphModule] 
     """A plain (train/eval-able) GraphModule from an exported program, HF parameter names kept."""
     unlifted = ep.module()
     gm = cls(unlifted, unlifted.graph, class_name=class_name)
+    # unlifting registers every buffer as persistent; HF's non-persistent ones (rotary inv_freq, BERT's position_ids,
+    # Gemma's embed_scale) must stay out of the state dict, so an HF state dict loads strictly, unchanged
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == torch.export.graph_signature.InputKind.BUFFER and not spec.persistent:
+            owner, _, name = spec.target.rpartition(".")
+            gm.get_submodule(owner)._non_persistent_buffers_set.add(name)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(unlifted, attr):
             setattr(gm, attr, getattr(unlifted, attr))

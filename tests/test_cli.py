@@ -1,13 +1,17 @@
 """The command line: plans, inspection, validation, schema, and one-line errors with exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from zoo import tiny_config
 
 from graftr.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -75,3 +79,28 @@ def test_apply_on_the_llama2_7b_structure_uses_no_weight_memory(capsys):
     text = capsys.readouterr().out
     assert "bundled config snapshot" in text
     assert "trainable params: 614,400 / total: 6,739,030,016" in text
+
+
+def test_the_mission_command_on_a_fresh_offline_machine(tmp_path):
+    """`graftr apply recipes/ina_llama.yaml --model meta-llama/Llama-2-7b-hf` with an empty HF cache and no network:
+    the bundled snapshot, 64 sites (q_proj, k_proj × 32 layers) and 32·2·8·(4096+4096) trainable parameters."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty-hf-home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "graftr.cli", "apply", "recipes/ina_llama.yaml", "--model",
+                           "meta-llama/Llama-2-7b-hf"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "bundled config snapshot" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if "ina_qk" in line)
+    assert [cell.strip() for cell in row.split("│")[1:5]] == ["ina_qk", "ina", "64", "4,194,304"]
+    assert "trainable params: 4,194,304 / total: 6,742,609,920" in proc.stdout
+
+
+def test_piped_output_keeps_whole_paths(llama_config):
+    """`graftr inspect ... | grep k_proj` works: output that is not a terminal is not cut at 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([sys.executable, "-m", "graftr.cli", "inspect", "--model", str(llama_config), "--filter",
+                           "model.layers.1.**"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    paths = {line.split("│")[1].strip() for line in proc.stdout.splitlines() if line.startswith("│")}
+    assert {f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"} | {f"model.layers.1.mlp.{p}_proj" for p in (
+        "gate", "up", "down")} <= paths

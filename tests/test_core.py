@@ -1,13 +1,14 @@
 """Matching, rewriting, the grafted model's behaviour, and saving/loading adapters."""
 
 import json
+from typing import Literal
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from zoo import example_inputs, tiny_model
 
-from graftr import graft, load_adapter, prepare, save_adapter
+from graftr import AdapterConfig, LinearAdapter, graft, load_adapter, prepare, register_adapter, save_adapter
 from graftr.errors import AdapterLoadError, GraftrError, MatchError
 from graftr.fxmeta import MATCHED, RULE
 from graftr import passes
@@ -45,6 +46,39 @@ rules: [{name: r, match: {path: "model.layers.*.self_attn"}, adapter: {kind: ia3
 """)
     with pytest.raises(MatchError, match="attention site"):
         graft(tiny_model("llama"), recipe)
+
+
+class MisorderedConfig(AdapterConfig):
+    kind: Literal["test_misordered"] = "test_misordered"
+
+
+@register_adapter(MisorderedConfig, ops=("linear",))
+class Misordered(LinearAdapter):
+    """A broken kind: inserts its node before the site's input exists."""
+
+    @classmethod
+    def from_site(cls, config, site, *, device):
+        return cls()
+
+    def forward(self, x, y):
+        return y
+
+    def graft(self, graph, site, target):
+        with graph.inserting_before(site.nodes[0]):
+            return [graph.call_module(target, (site.input, site.output))]
+
+
+def test_the_graph_is_linted_after_each_rule_and_the_rule_named_in_one_line():
+    recipe = parse_recipe("""
+name: t
+rules:
+  - {name: fine, match: {path: "model.layers.0.self_attn.k_proj"}, adapter: {kind: ia3}}
+  - {name: broken, match: {path: "model.layers.0.self_attn.v_proj"}, adapter: {kind: test_misordered}}
+""")
+    with pytest.raises(GraftrError, match=r"^rewrite pass for rule 'broken' \(test_misordered\) produced an invalid "
+                       r"graph: .*used before") as info:
+        graft(tiny_model("llama"), recipe)
+    assert "\n" not in str(info.value)
 
 
 def test_layer_selection_and_exclusion():

@@ -87,7 +87,7 @@ def test_merged_equals_unmerged(arch, recipe):
         after = gm(**inputs).logits
     assert not gm.adapter_modules() and not any(p.requires_grad for p in gm.parameters())
     assert all(n.op != "call_module" or not n.target.endswith((".attn", ".ff")) for n in gm.graph.nodes)
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=2e-6, rtol=0)
 
 
 def test_module_math_and_merge_on_a_linear():
@@ -116,6 +116,24 @@ def test_fp32_vectors_on_a_bf16_base():
         out = gm(**inputs).logits
         assert out.dtype == torch.bfloat16
         assert torch.equal(out, model(**inputs).logits)  # identity at init holds in bf16 too
+
+
+@pytest.mark.parametrize("scale,layout", [("output", "out_in"), ("input", "out_in"), ("output", "in_out")])
+def test_merge_on_a_bf16_base_rounds_once(scale, layout):
+    """W·l computed in fp32 and rounded to bf16 once: rounding l to bf16 first would move many weights by an ulp."""
+    features = 64
+    m = IA3(features, scale)
+    with torch.no_grad():
+        m.ia3_l.uniform_(0.5, 1.5)
+    rows = (scale == "output") == (layout == "out_in")  # the axis of W that carries the scaled features
+    weight = torch.randn((features, 32) if rows else (32, features), dtype=torch.bfloat16)
+    bias = torch.randn(features, dtype=torch.bfloat16)
+    l = m.ia3_l.detach()
+    expected = (weight.float() * (l[:, None] if rows else l[None, :])).to(torch.bfloat16)
+    merged, merged_bias = m.merge_into(weight, bias, layout)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
+    if scale == "output":
+        assert torch.equal(merged_bias, (bias.float() * l).to(torch.bfloat16))
 
 
 def test_input_scaling_after_a_branch_refuses_to_merge():

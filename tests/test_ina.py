@@ -1,6 +1,7 @@
 """InA: identity at init, the exact formula (module and whole model), p = 0 is LoRA (and PEFT's LoRA), the gradient
 through the threshold, dropout, merge, dtypes, the shipped recipes, and the PEFT format (the published adapter)."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -11,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig
 from zoo import example_inputs, tiny_model
 
 from graftr import graft
@@ -47,6 +47,7 @@ rules:
 
 LLAMA_QK = "model.layers.*.self_attn.{q_proj,k_proj}"
 GPT2_QKV = "transformer.h.*.attn.c_attn"  # Conv1D, fused qkv
+NEOX_QKV = "gpt_neox.layers.*.attention.query_key_value"  # a fused qkv linear
 
 
 def _randomize(gm, seed=1, scale=0.3):
@@ -272,10 +273,14 @@ def test_merge_exact_without_inhibition(arch, path):
     torch.testing.assert_close(_logits(gm, inputs), before, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.bfloat16, "float32"), (torch.float16, "bfloat16")])
-def test_low_precision_base(base_dtype, adapter_dtype):
-    model = tiny_model("llama").to(base_dtype)
-    gm = graft(model, parse_recipe(_recipe(LLAMA_QK, dtype=adapter_dtype))).eval()
+@pytest.mark.parametrize("arch,path", [("llama", LLAMA_QK), ("gpt2", GPT2_QKV), ("gpt_neox", NEOX_QKV)])
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.bfloat16, "float32"), (torch.float16, "bfloat16"),
+                                                      (torch.float16, "float16")])
+def test_low_precision_base(arch, path, base_dtype, adapter_dtype):
+    """Separate linears, Conv1D with fused qkv (GPT-2) and a fused qkv linear (GPT-NeoX), on bf16/fp16 bases: the
+    adapter keeps its dtype, the output the base's, identity at init, then the formula (hooked, in fp32)."""
+    model = tiny_model(arch).to(base_dtype)
+    gm = graft(model, parse_recipe(_recipe(path, dtype=adapter_dtype))).eval()
     modules = list(gm.adapter_modules().values())
     assert all(m.lora_A.dtype == getattr(torch, adapter_dtype) for m in modules)
     inputs = example_inputs(model, 2, 5)
@@ -315,9 +320,11 @@ def test_llama2_7b_structure_64_sites_and_exact_trainable_count():
 
 # ---- the published adapter (PEFT format) ---------------------------------------------------------------------------
 def _bert_large_meta():
-    config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                        vocab_size=28996, num_labels=2, max_position_embeddings=512, type_vocab_size=2)
-    return build_model(config, "seq_cls", device="meta")
+    """bert-large-cased, the fixture's base_model_name_or_path, built from its config (the snapshot graftr ships
+    when the hub is unreachable) on the meta device, with CoLA's two labels."""
+    source = resolve(json.loads((FIXTURE / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert source.config.model_type == "bert" and source.config.hidden_size == 1024
+    return build_model(source.config, "seq_cls", device="meta", num_labels=2)
 
 
 @pytest.fixture(scope="module")
@@ -349,17 +356,28 @@ def test_published_adapter_imports_completely(published):
 
 
 def test_published_adapter_round_trips_bit_for_bit(published, tmp_path):
+    """Export writes the fixture's safetensors file byte for byte and its config field for field (PEFT adds the head
+    to modules_to_save for SEQ_CLS; graftr writes it explicitly); importing that export and exporting it again
+    changes no byte."""
     out = export_peft(published, tmp_path / "peft")
     fixture = load_file(str(FIXTURE / "adapter_model.safetensors"))
     exported = load_file(str(out / "adapter_model.safetensors"))
     assert set(exported) == set(fixture)  # the classifier keys too: PEFT saves them unwrapped, as the fixture does
     assert all(exported[k].dtype == fixture[k].dtype and torch.equal(exported[k], fixture[k]) for k in fixture)
+    assert _sha256(out / "adapter_model.safetensors") == _sha256(FIXTURE / "adapter_model.safetensors")
     config = json.loads((out / "adapter_config.json").read_text())
     original = json.loads((FIXTURE / "adapter_config.json").read_text())
-    same = ("peft_type", "r", "lora_alpha", "lora_dropout", "lora_inhibition", "target_modules", "task_type",
-            "base_model_name_or_path", "use_dora", "use_rslora", "bias", "fan_in_fan_out")
-    assert {k: config[k] for k in same} == {k: original[k] for k in same}
-    assert config["modules_to_save"] == ["classifier"]  # PEFT adds the head for SEQ_CLS; written explicitly here
+    bookkeeping = {"peft_version", "inference_mode", "auto_mapping", "revision"}
+    differing = {k for k in (set(config) | set(original)) - bookkeeping if config.get(k) != original.get(k)}
+    assert differing == {"modules_to_save"}, {k: (original.get(k), config.get(k)) for k in differing}
+    assert config["lora_inhibition"] == 0.3 and config["modules_to_save"] == ["classifier"]
+    again = export_peft(import_peft(_bert_large_meta(), out), tmp_path / "again")
+    assert _sha256(again / "adapter_model.safetensors") == _sha256(out / "adapter_model.safetensors")
+    assert (again / "adapter_config.json").read_bytes() == (out / "adapter_config.json").read_bytes()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.slow  # a second trace of bert-large (~10 s); the tiny-model tests below cover each problem fast
@@ -383,11 +401,11 @@ def test_corrupted_published_adapter_names_every_problem(tmp_path):
 
 
 # ---- PEFT import/export on tiny models -----------------------------------------------------------------------------
-def _peft_adapter(tmp_path, *, inhibition=None, **lora) -> Path:
+def _peft_adapter(tmp_path, *, inhibition=None, num_labels=2, **lora) -> Path:
     """A LoRA adapter saved by stock PEFT from a tiny BERT classifier (random B), plus `lora_inhibition`."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(tiny_model("bert", task="seq_cls", num_labels=2),
+    peft_model = get_peft_model(tiny_model("bert", task="seq_cls", num_labels=num_labels),
                                 LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
                                               "task_type": "SEQ_CLS", **lora}))
     with torch.no_grad():
@@ -421,6 +439,34 @@ def test_import_honours_inhibition_and_round_trips(tmp_path):
     out = export_peft(gm, tmp_path / "again")
     again = load_file(str(out / "adapter_model.safetensors"))
     assert set(again) == set(saved) and all(torch.equal(again[k], saved[k]) for k in saved)
+
+
+def test_cli_converts_both_ways_on_the_structure_and_merge_refuses_before_any_weight(tmp_path, capsys):
+    """`graftr export` of a PEFT InA adapter (p = 0.3, a three-label head) onto a base given by its config alone:
+    a graftr adapter with the inhibition kept and the head's three rows; exported back, the same tensors. `graftr
+    merge` refuses p > 0 from the config, before it would need weights (the base here has none)."""
+    from after_training_kit import cli_error
+
+    from graftr import cli
+    from graftr.io import RECIPE
+
+    path = _peft_adapter(tmp_path, inhibition=0.3, num_labels=3)
+    tiny_model("bert").config.save_pretrained(tmp_path / "base")  # the config's default: two labels
+    base = ["--model", str(tmp_path / "base" / "config.json")]
+    assert cli.main(["export", str(path), *base, "--out", str(tmp_path / "graftr")]) == 0
+    recipe = load_recipe(tmp_path / "graftr" / RECIPE)
+    assert recipe.rules[0].adapter.inhibition == 0.3 and recipe.trainable_modules == ["classifier"]
+    assert load_file(str(tmp_path / "graftr" / "adapter.safetensors"))["classifier.weight"].shape[0] == 3
+    assert cli.main(["export", str(tmp_path / "graftr"), *base, "--out", str(tmp_path / "back")]) == 0
+    original = load_file(str(path / "adapter_model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    for adapter in (path, tmp_path / "graftr"):
+        assert "ina with inhibition 0.3 cannot be merged" in cli_error(
+            capsys, ["merge", str(adapter), *base, "--out", str(tmp_path / "merged")])
+    assert "is already a graftr adapter" in cli_error(
+        capsys, ["export", str(tmp_path / "graftr"), "--format", "graftr", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "x").exists()
 
 
 def test_import_translates_regex_and_layer_selection(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, BertForSequenceClassification, BertModel
-from zoo import example_inputs, tiny_config, tiny_model
+from zoo import ARCHS, example_inputs, tiny_config, tiny_model
 
 from graftr import graft, prepare
 from graftr.errors import GraftrError
@@ -37,14 +37,19 @@ def _tensors(gm):
     return [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {"tie_word_embeddings": True}), ("gpt2", {}), ("t5", {})])
+@pytest.mark.parametrize("arch,overrides", [*((arch, {}) for arch in ARCHS), ("llama", {"tie_word_embeddings": True})])
 def test_equals_from_pretrained(tmp_path, arch, overrides):
-    tiny_model(arch, **overrides).save_pretrained(tmp_path)
+    """Every architecture, through transformers' key renaming (GPT-NeoX stores its ``lm_head`` as ``embed_out``)."""
+    tiny_model(arch, seed=5, **overrides).save_pretrained(tmp_path)
     gm = _meta_graph(tmp_path)
     assert all(t.is_meta for _, t in _tensors(gm))
-    assert materialize(gm, tmp_path) == []
+    assert materialize(gm, tmp_path) == []  # nothing newly initialised, no checkpoint key unused
     assert not any(t.is_meta for _, t in _tensors(gm))
     reference = load_model(resolve(str(tmp_path))).eval()
+    expected = dict(reference.named_parameters(remove_duplicate=False))
+    assert sorted(n for n, _ in gm.named_parameters(remove_duplicate=False)) == sorted(expected)
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
+        assert torch.equal(parameter, expected[name]), name
     for name, buffer in gm.named_buffers():  # rotary inv_freq: not in the checkpoint, computed as transformers does
         assert torch.equal(buffer, reference.get_buffer(name)), name
     inputs = example_inputs(reference, 3, 7)
@@ -135,6 +140,30 @@ def test_missing_checkpoint_and_shape_mismatch(tmp_path):
     with pytest.raises(GraftrError, match=r"^model\.layers\.0\.mlp\.gate_proj\.weight: .* shape \(64, 32\), the "
                                           r"model expects \(48, 32\)"):
         materialize(gm, tmp_path)
+
+
+def test_a_key_transformers_converts_is_an_error_not_a_random_weight(tmp_path, monkeypatch):
+    """A tensor conversion (here splitting a fused gate/up projection) cannot be applied: loud, naming the key."""
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    from graftr import materialize as module
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for i in range(2):
+        mlp = f"model.layers.{i}.mlp."
+        tensors[mlp + "gate_up_proj.weight"] = torch.cat([tensors.pop(mlp + "gate_proj.weight"),
+                                                          tensors.pop(mlp + "up_proj.weight")])
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    split = WeightConverter("mlp.gate_up_proj.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                            operations=[Chunk(dim=0)])
+    rules = module.get_model_conversion_mapping
+    monkeypatch.setattr(module, "get_model_conversion_mapping", lambda model: [split, *rules(model)])
+    with pytest.raises(GraftrError, match=r"^checkpoint key model\.layers\.0\.mlp\.gate_up_proj\.weight "
+                                          r"\(model\.safetensors\) is loaded by transformers as "
+                                          r"model\.layers\.0\.mlp\.gate_proj\.weight through a tensor conversion "
+                                          r"\(Chunk\)"):
+        materialize(_meta_graph(tmp_path), tmp_path)
 
 
 def test_dtype_follows_the_checkpoint_or_the_argument(tmp_path):

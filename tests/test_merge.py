@@ -148,7 +148,7 @@ def test_gated_prompts_are_refused(tmp_path, capsys):
 name: gp
 rules: [{name: prompt, match: {op: attention, layers: {last: 1}}, adapter: {kind: gated_prompt}}]
 """)
-    assert "self_attn" in err
+    assert "rule 'prompt' (gated_prompt) attaches to attention blocks: attention adapters cannot be merged" in err
 
 
 def test_adapter_on_a_tied_weight_is_refused(tmp_path, capsys):

@@ -300,6 +300,29 @@ def test_unknown_top_level_key_and_wrong_type():
     ]
 
 
+def test_a_boolean_is_never_read_as_a_number():
+    """YAML reads yes/on/true as booleans and pydantic's lax mode would turn them into 1: every such field is
+    reported where it is, while a boolean field still takes one."""
+    boolean = "(a boolean; YAML reads true/false/yes/no/on/off as booleans)"
+    assert problems("""\
+    name: x
+    num_labels: yes
+    rules:
+      - name: a
+        match: {path: x, layers: {indices: [1, on]}}
+        adapter: {kind: ina, inhibition: true, rank: 4}
+    train: {lr: 1.0e-4, data: {format: text, packing: true}, max_steps: on}
+    """) == [
+        f"r.yaml:2: num_labels: Input should be a valid integer, got true {boolean}",
+        f"r.yaml:5: rules[0].match.layers.indices[1]: Input should be a valid integer, got true {boolean}",
+        f"r.yaml:6: rules[0].adapter.inhibition: Input should be a valid number, got true {boolean}",
+        f"r.yaml:7: train.max_steps: Input should be a valid integer, got true {boolean}",
+    ]
+    recipe = parse_recipe("name: x\nrules: [{name: a, match: {op: linear}, adapter: {kind: ina, inhibition: 1}}]\n"
+                          "train: {lr: 1, max_steps: 2, data: {format: text, packing: true}}\n")
+    assert recipe.rules[0].adapter.inhibition == 1.0 and recipe.train.data.packing is True
+
+
 def test_unknown_and_missing_kind_list_registered_kinds():
     lines = problems("""\
     name: x

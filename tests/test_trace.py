@@ -43,9 +43,13 @@ def test_graph_matches_eager(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_parameter_names_match_hf(arch):
+def test_parameter_names_and_state_dict_match_hf(arch):
+    """HF's names, and HF's state dict loads strictly: non-persistent buffers (rotary inv_freq, BERT's position_ids,
+    Gemma's embed_scale) stay out of it, as in the HF model."""
     model, gm = traced(arch)
     assert {n for n, _ in gm.named_parameters()} == {n for n, _ in model.named_parameters()}
+    assert set(gm.state_dict()) == set(model.state_dict())
+    gm.load_state_dict(model.state_dict(), strict=True)
 
 
 @pytest.mark.parametrize("arch, output_type", [("llama", CausalLMOutputWithPast), ("t5", Seq2SeqLMOutput)])

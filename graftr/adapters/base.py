@@ -72,6 +72,15 @@ class LinearAdapter(Adapter):
             site.output = new
         return [new]
 
+    @classmethod
+    def merge_refusal(cls, config) -> str | None:
+        """Why adapters with ``config`` cannot be folded into the weights, as far as the config alone tells, else
+        None. ``graftr merge`` asks before it reads any base weight; :meth:`check_merge` is the check on the module.
+        A kind that overrides :meth:`check_merge` is asked there (unless it overrides this too)."""
+        if cls.check_merge is Adapter.check_merge:
+            return f"{cls.kind} adapters cannot be merged into the base weights"
+        return None
+
     def check_merge(self) -> None:
         """Raise :class:`MergeError` with the reason if this adapter cannot be folded into the weights."""
         raise MergeError(f"{self.kind} adapters cannot be merged into the base weights")

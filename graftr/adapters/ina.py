@@ -67,6 +67,14 @@ class InAConfig(AdapterConfig):
         return self
 
 
+def _merge_refusal(inhibition: float) -> str | None:
+    if inhibition == 0:
+        return None
+    return (f"ina with inhibition {inhibition} cannot be merged: its per-token threshold p·max(A x) and the "
+            "activation depend on the input and cannot be folded into a weight (the official code silently merges "
+            "s·B·A, which is a different model); only inhibition 0 (plain LoRA) merges")
+
+
 @register_adapter(InAConfig, ops=("linear",))
 class InA(LinearAdapter):
     position = "output"
@@ -97,12 +105,13 @@ class InA(LinearAdapter):
         # gradient straight through the add, with no full-size multiply (PEFT's `result + B(A x) * s` has two)
         return (y + F.linear(z, self.lora_B * self.scaling)).to(y.dtype)
 
+    @classmethod
+    def merge_refusal(cls, config: InAConfig) -> str | None:
+        return _merge_refusal(config.inhibition)
+
     def check_merge(self) -> None:
-        if self.inhibition > 0:
-            raise MergeError(f"ina with inhibition {self.inhibition} cannot be merged: its per-token threshold "
-                             "p·max(A x) and the activation depend on the input and cannot be folded into a weight "
-                             "(the official code silently merges s·B·A, which is a different model); only "
-                             "inhibition 0 (plain LoRA) merges")
+        if (reason := _merge_refusal(self.inhibition)) is not None:
+            raise MergeError(reason)
 
     def merge_into(self, weight, bias, layout):
         self.check_merge()

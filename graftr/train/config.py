@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from graftr.configmodel import ConfigModel
 from graftr.data import DataConfig
 from graftr.errors import GraftrError, RecipeError
 
@@ -47,7 +48,7 @@ _OWNED = {
 }
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(ConfigModel):
     """How to train a recipe's adapters (the recipe's ``train:`` section)."""
 
     model_config = ConfigDict(extra="forbid")
