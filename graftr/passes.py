@@ -25,7 +25,7 @@ from torch import fx
 
 from graftr import fxmeta
 from graftr.errors import GraftrError, MatchError
-from graftr.registry import get_kind
+from graftr.registry import kind_of
 from graftr.sites import SiteIndex, stack_sizes
 from graftr.trace import install_module
 
@@ -62,7 +62,7 @@ def match(index: SiteIndex, recipe) -> list[RulePlan]:
     """Annotate: tag every site each rule selects. Raises :class:`MatchError` for a rule matching nothing."""
     plans = []
     for rule in recipe.rules:
-        kind = get_kind(rule.adapter.kind)
+        kind = kind_of(rule.adapter)
         if rule.match.op is not None and rule.match.op not in kind.ops:
             raise MatchError(f"rule {rule.name!r}: adapter kind {kind.name!r} attaches to {'/'.join(kind.ops)} "
                              f"sites, but the rule selects op: {rule.match.op}")
@@ -108,7 +108,7 @@ def rewrite(gm: fx.GraphModule, plans: list[RulePlan]) -> list[RulePlan]:
     """Transform: insert every planned adapter, rule by rule, linting after each."""
     sizes = stack_sizes(n for n, _ in gm.named_parameters())
     for plan in plans:
-        kind = get_kind(plan.rule.adapter.kind)
+        kind = kind_of(plan.rule.adapter)
         before = set(gm.graph.nodes)
         shared = _install_shared(gm, plan, kind, sizes)
         for site in plan.sites:

@@ -49,7 +49,7 @@ class AdapterKind:
     ops: tuple[str, ...]
 
 
-_KINDS: dict[str, AdapterKind] = {}
+_KINDS: dict[type[AdapterConfig], AdapterKind] = {}  # keyed by config class; each class has its own `kind` name
 _VERSION = [0]  # bumped on every registration; the recipe model is rebuilt when it changes
 
 
@@ -76,9 +76,12 @@ def register_adapter(config_cls: type[AdapterConfig], *, ops: tuple[str, ...] | 
         raise TypeError(f"adapter kind {name!r}: ops must be a non-empty subset of {SITE_OPS}, got {tuple(ops)}")
 
     def decorator(module_cls: type) -> type:
-        if name in _KINDS and _KINDS[name].module_cls is not module_cls:
-            raise ValueError(f"adapter kind {name!r} is already registered by {_KINDS[name].module_cls.__qualname__}")
-        _KINDS[name] = AdapterKind(name, config_cls, module_cls, tuple(ops))
+        taken = next((k for k in _KINDS.values() if k.name == name), None)
+        if taken is not None and taken.module_cls is not module_cls:
+            raise ValueError(f"adapter kind {name!r} is already registered by {taken.module_cls.__qualname__}")
+        if taken is not None:  # the same module registered again (a reloaded module): its new config class wins
+            del _KINDS[taken.config_cls]
+        _KINDS[config_cls] = AdapterKind(name, config_cls, module_cls, tuple(ops))
         module_cls.config_cls = config_cls
         module_cls.kind = name
         _VERSION[0] += 1
@@ -103,10 +106,19 @@ def _load_entry_points() -> None:
 
 
 def kinds() -> dict[str, AdapterKind]:
-    """All registered kinds, built-in ones and those from installed entry points."""
+    """All registered kinds by name, built-in ones and those from installed entry points."""
     _load_builtin()
     _load_entry_points()
-    return dict(_KINDS)
+    return {k.name: k for k in _KINDS.values()}
+
+
+def kind_of(config: AdapterConfig) -> AdapterKind:
+    """The kind a validated adapter config belongs to, looked up by its class."""
+    kinds()
+    kind = _KINDS.get(type(config))
+    if kind is None:
+        raise GraftrError(f"{type(config).__qualname__} is not a registered adapter config class")
+    return kind
 
 
 def get_kind(name: str) -> AdapterKind:

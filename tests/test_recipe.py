@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from graftr import registry
-from graftr.errors import MatchError, RecipeError
+from graftr.errors import GraftrError, MatchError, RecipeError
 from graftr.recipe import Match, Recipe, Rule, dump_recipe, load_recipe, parse_recipe, recipe_json_schema, recipe_model
 from graftr.selectors import LayerSelect, compile_glob
 from graftr.train.config import TrainConfig
@@ -417,6 +417,23 @@ def test_user_kind_registered_through_imports(tmp_path, monkeypatch):
     assert type(recipe.rules[0].adapter).__name__ == "ShiftConfig" and recipe.rules[0].adapter.amount == 0.5
     assert "test_user_shift" in registry.kinds()
     assert parse_recipe(dump_recipe(recipe)) == recipe
+
+
+def test_the_registry_is_keyed_by_config_class():
+    """A rule's validated adapter config is an instance of the registered class, and finds its kind by its class; a
+    class that merely copies a registered kind's name is not that kind, and a second module cannot take a name."""
+    recipe = parse("name: x\nrules: [{name: a, match: {op: linear}, adapter: {kind: test_scale, rank: 2}}]\n")
+    config = recipe.rules[0].adapter
+    assert type(config) is ScaleConfig and registry.kind_of(config) == registry.kinds()["test_scale"]
+    assert registry.kind_of(config).module_cls is Scale
+
+    class LookAlike(ScaleConfig):
+        pass
+
+    with pytest.raises(GraftrError, match="LookAlike is not a registered adapter config class"):
+        registry.kind_of(LookAlike())
+    with pytest.raises(ValueError, match="'test_scale' is already registered by Scale"):
+        registry.register_adapter(LookAlike, ops=("linear",))(type("Other", (nn.Module,), {}))
 
 
 def test_json_schema_lists_the_kinds():
