@@ -252,6 +252,50 @@ rules: [{name: shift, match: {path: "lm_head"}, adapter: {kind: test_shift, init
         torch.testing.assert_close(gm(input_ids=ids).logits, model(input_ids=ids).logits + 0.5)
 
 
+def test_user_adapter_kind_from_an_installed_package_entry_point(tmp_path, monkeypatch):
+    """An installed package that declares its kind in the `graftr.adapters` entry-point group: usable from YAML with
+    no `imports:` line (the distribution is faked with a dist-info directory on sys.path)."""
+    from graftr import registry
+
+    (tmp_path / "my_scaled.py").write_text('''
+from typing import Literal
+import torch
+import graftr
+
+class TimesConfig(graftr.AdapterConfig):
+    kind: Literal["test_times"] = "test_times"
+    factor: float = 1.0
+
+@graftr.register_adapter(TimesConfig, ops=("linear",))
+class Times(graftr.LinearAdapter):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = torch.nn.Parameter(torch.tensor(factor))
+
+    @classmethod
+    def from_site(cls, config, site, *, device):
+        return cls(config.factor)
+
+    def forward(self, x, y):
+        return y * self.factor
+''')
+    info = tmp_path / "my_scaled-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-scaled\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[graftr.adapters]\ntimes = my_scaled\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", [False])
+    model = tiny_model("llama")
+    gm = graft(model, parse_recipe("""
+name: ep
+rules: [{name: times, match: {path: "lm_head"}, adapter: {kind: test_times, factor: 2.0}}]
+""")).eval()
+    assert "test_times" in registry.kinds()
+    ids = torch.randint(3, 100, (1, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(input_ids=ids).logits, 2 * model(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "t5"])
 def test_static_plan_equals_the_dynamic_graphs(arch):
     # `graftr apply` plans on a graph traced at the example shapes only (half the tracing time): every linear and
