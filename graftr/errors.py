@@ -22,5 +22,9 @@ class MergeError(GraftrError):
     """An adapter cannot be folded into the base weights (the message says why)."""
 
 
+# why no attention kind merges: said by the early check (graftr merge) and by GraftedModel.merge_ alike
+ATTENTION_NOT_MERGEABLE = "attention adapters cannot be merged into weights; they add computation of their own"
+
+
 class AdapterLoadError(GraftrError):
     """A saved adapter does not fit the model (missing, extra or mis-shaped tensors, different base)."""

@@ -28,60 +28,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graftr.errors import AdapterLoadError, GraftrError
+from graftr.errors import GraftrError
 
 FORMATS = ("peft", "graftr")
 
 
 def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
-    """The adapter grafted onto its base built on the meta device, its tensors loaded: a ``GraftedModel`` whose
-    ``model_id`` is the base used (``model_arg``, else the adapter's recorded base)."""
-    from graftr.inference import _trained_labels
-    from graftr.io import RECIPE, check_made_for, load_adapter, read_manifest
-    from graftr.models import build_model, infer_task, resolve
-    from graftr.peft_format import peft_adapter_config
-    from graftr.recipe import load_recipe
+    """The adapter (graftr's or PEFT's) grafted onto its base built on the meta device, its tensors loaded: a
+    ``GraftedModel`` whose ``model_id`` is the base used (``model_arg``, else the adapter's recorded base)."""
+    from graftr.inference import graft_adapter, resolve_base
+    from graftr.models import build_model
 
-    path = Path(adapter)
-    if not path.is_dir():
-        raise AdapterLoadError(f"adapter directory {adapter} does not exist")
-    if (peft := peft_adapter_config(path)) is not None:
-        return _peft_on_structure(path, peft, model_arg, console)
-    manifest = read_manifest(path)
-    if not (path / RECIPE).is_file():
-        raise AdapterLoadError(f"{adapter} is incomplete: {RECIPE} is missing")
-    recipe = load_recipe(path / RECIPE)
-    model_id = model_arg or manifest.get("base_model") or recipe.model
-    if not model_id:
-        raise GraftrError("the adapter records no base model: pass --model (a model directory, a config.json or a "
-                          "hub id)")
-    source = resolve(model_id)
-    if console is not None and source.note:
-        console.print(f"[yellow]note:[/] {source.note}")
-    check_made_for(manifest, source.config, adapter, model_id)
-    task = recipe.task or manifest.get("task") or infer_task(source.config)
-    labels = _trained_labels(manifest, task)
-    num_labels = recipe.num_labels or (len(labels) if labels else None)
-    gm = load_adapter(build_model(source.config, task, device="meta", num_labels=num_labels), path)
-    gm.model_id = source.model_id
-    return gm
-
-
-def _peft_on_structure(path: Path, peft: dict, model_arg: str | None, console):
-    from graftr.models import build_model, infer_task, resolve
-    from graftr.peft_format import TASKS, import_peft, peft_num_labels
-
-    model_id = model_arg or peft.get("base_model_name_or_path")
-    if not model_id:
-        raise GraftrError(f"{path}: the PEFT config names no base_model_name_or_path: pass --model (a model "
-                          "directory, a config.json or a hub id)")
-    source = resolve(model_id)
-    if console is not None and source.note:
-        console.print(f"[yellow]note:[/] {source.note}")
-    task = TASKS.get(peft.get("task_type")) or infer_task(source.config)
-    gm = import_peft(build_model(source.config, task, device="meta", num_labels=peft_num_labels(path)), path)
-    gm.model_id = source.model_id
-    return gm
+    base = resolve_base(model_arg, adapter, weights=False, console=console)
+    model = build_model(base.source.config, base.task, device="meta", num_labels=base.num_labels)
+    return graft_adapter(model, adapter, base)
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from graftr import passes, trace as tracing
-from graftr.errors import GraftrError, MergeError
+from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
 from graftr.loss import IGNORE_INDEX, Scratch, linear_cross_entropy
 from graftr.sites import _boundary, find_sites
 
@@ -173,8 +173,7 @@ class GraftedModel(fx.GraphModule):
         sites = [s for s in self.site_index.all() if s.adapters]
         for site in sites:
             if site.op != "linear":
-                raise MergeError(f"{site.path}: attention adapters cannot be merged into weights; "
-                                 "they add computation of their own")
+                raise MergeError(f"{site.path}: {ATTENTION_NOT_MERGEABLE}")
             branch_before = False
             for target in site.adapters:
                 module = self.get_submodule(target)

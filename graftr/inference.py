@@ -38,27 +38,44 @@ def add_model_arguments(parser, *, adapter_required: bool) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
 
 
-def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: torch.dtype | None = None,
-                       console=None) -> Loaded:
-    """Resolve the base (``model_arg``, else the adapter's recorded base), load its weights, graft the adapter."""
-    from graftr.grafted import prepare
-    from graftr.io import RECIPE, check_made_for, load_adapter, read_manifest
-    from graftr.models import infer_task, load_model, resolve
-    from graftr.peft_format import TASKS, import_peft, peft_adapter_config, peft_num_labels
+@dataclass
+class Base:
+    """The base an adapter goes on and how to build it, decided from configs before any weight is read."""
+    source: object  # graftr.models.ModelSource
+    task: str
+    num_labels: int | None  # None: the base config's own
+    labels: list[str] | None  # the label names the adapter was trained with (classification heads)
+    recipe: object | None  # a graftr adapter's recipe
+    manifest: dict | None  # a graftr adapter's manifest
+    peft: dict | None  # a PEFT adapter's adapter_config.json
+
+
+def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, console=None) -> Base:
+    """Resolve the base (``model_arg``, else the adapter's recorded base) and check the adapter against its config.
+    ``weights`` says whether the caller will read the base's weights (only the hint of a missing ``--model``)."""
+    from graftr.io import RECIPE, check_made_for, read_manifest
+    from graftr.models import infer_task, resolve
+    from graftr.peft_format import TASKS, peft_adapter_config, peft_num_labels
     from graftr.recipe import load_recipe
 
     manifest = recipe = peft = None
     if adapter is not None:
-        if not Path(adapter).is_dir():
+        path = Path(adapter)
+        if not path.is_dir():
             raise AdapterLoadError(f"adapter directory {adapter} does not exist")
-        peft = peft_adapter_config(adapter)
+        peft = peft_adapter_config(path)
         if peft is None:
-            manifest = read_manifest(adapter)
-            recipe = load_recipe(Path(adapter) / RECIPE)
+            manifest = read_manifest(path)
+            if not (path / RECIPE).is_file():
+                raise AdapterLoadError(f"{adapter} is incomplete: {RECIPE} is missing")
+            recipe = load_recipe(path / RECIPE)
     model_id = (model_arg or (manifest or {}).get("base_model") or (recipe.model if recipe else None)
                 or (peft or {}).get("base_model_name_or_path"))
     if not model_id:
-        raise GraftrError("no model given: pass --model (a model directory with weights or a cached hub id)")
+        what = "the adapter records no base model" if adapter is not None else "no model given"
+        hint = "a model directory with weights or a cached hub id" if weights else \
+            "a model directory, a config.json or a hub id"
+        raise GraftrError(f"{what}: pass --model ({hint})")
     source = resolve(model_id)
     if console is not None and source.note:
         console.print(f"[yellow]note:[/] {source.note}")
@@ -68,20 +85,43 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
             or TASKS.get((peft or {}).get("task_type")) or infer_task(source.config))
     labels = _trained_labels(manifest, task)
     num_labels = ((recipe.num_labels if recipe else None) or (len(labels) if labels else None)
-                  or (peft_num_labels(adapter) if peft is not None else None))
-    model = load_model(source, task, dtype=dtype, num_labels=num_labels)
+                  or (peft_num_labels(adapter, peft) if peft is not None else None))
+    return Base(source, task, num_labels, labels, recipe, manifest, peft)
+
+
+def graft_adapter(model: nn.Module, adapter: str, base: Base):
+    """``model`` (the base, on the meta device or with weights) with the adapter in ``adapter`` grafted and its
+    tensors loaded: a ``GraftedModel`` whose ``model_id`` is the base used."""
+    from graftr.io import load_adapter
+    from graftr.peft_format import import_peft
+
+    gm = import_peft(model, adapter) if base.peft is not None else load_adapter(model, adapter)
+    gm.model_id = base.source.model_id
+    return gm
+
+
+def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: torch.dtype | None = None,
+                       console=None) -> Loaded:
+    """Resolve the base (``model_arg``, else the adapter's recorded base), load its weights, graft the adapter."""
+    return load_with_weights(resolve_base(model_arg, adapter, weights=True, console=console), adapter, dtype=dtype)
+
+
+def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | None = None) -> Loaded:
+    """Load ``base`` with its weights and graft ``adapter`` (None: the bare base, prepared), in eval mode."""
+    from graftr.grafted import prepare
+    from graftr.models import load_model
+
+    model = load_model(base.source, base.task, dtype=dtype, num_labels=base.num_labels)
+    labels = base.labels
     if labels and len(labels) == model.config.num_labels:  # the label names the adapter was trained with
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     if adapter is None:
-        gm = prepare(model, model_id=source.model_id, task=task)
-    elif peft is not None:
-        gm = import_peft(model, adapter)
-        gm.model_id, recipe = source.model_id, gm.recipe
+        gm = prepare(model, model_id=base.source.model_id, task=base.task)
     else:
-        gm = load_adapter(model, adapter)
+        gm = graft_adapter(model, adapter, base)
     gm.eval()
-    return Loaded(source, model, gm, recipe, manifest)
+    return Loaded(base.source, model, gm, gm.recipe if adapter is not None else None, base.manifest)
 
 
 def _trained_labels(manifest: dict | None, task: str) -> list[str] | None:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graftr.errors import MergeError
-from graftr.inference import DTYPES, Loaded
+from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
+from graftr.inference import DTYPES, Base, Loaded
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -49,34 +49,26 @@ def merge_into_hf(loaded: Loaded) -> nn.Module:
     return hf
 
 
-def refusal_before_loading(adapter: str) -> str | None:
-    """Why the adapter directory ``adapter`` cannot be merged, as far as its recipe (or PEFT config) tells, else
-    None: ``graftr merge`` refuses before it reads gigabytes of base weights for nothing. :meth:`GraftedModel.merge_`
-    still checks every site of the grafted model."""
+def refusal_before_loading(base: Base) -> str | None:
+    """Why the adapter that ``base`` was resolved for cannot be merged, as far as its recipe (or PEFT config) tells,
+    else None: ``graftr merge`` refuses before it reads gigabytes of base weights for nothing.
+    :meth:`GraftedModel.merge_` still checks every site of the grafted model."""
     from pydantic import ValidationError
 
     from graftr import registry
-    from graftr.errors import GraftrError
-    from graftr.io import RECIPE
-    from graftr.peft_format import peft_adapter_config, peft_adapters
-    from graftr.recipe import load_recipe
+    from graftr.peft_format import peft_adapters
 
-    path = Path(adapter)
-    peft = peft_adapter_config(path) if path.is_dir() else None
-    if peft is not None:
-        adapters = [(f"PEFT {peft.get('peft_type')} adapter", data) for data in peft_adapters(peft)]
-    elif (path / RECIPE).is_file():
-        adapters = [(f"rule {rule.name!r}", rule.adapter.model_dump()) for rule in load_recipe(path / RECIPE).rules]
+    if base.peft is not None:
+        adapters = [(f"PEFT {base.peft.get('peft_type')} adapter", data) for data in peft_adapters(base.peft)]
     else:
-        return None  # loading the adapter reports what is wrong with it
+        adapters = [(f"rule {rule.name!r}", rule.adapter.model_dump()) for rule in base.recipe.rules]
     for what, data in adapters:
         try:
             kind = registry.get_kind(data["kind"])
         except GraftrError:
             continue
         if "linear" not in kind.ops:
-            return (f"{what} ({kind.name}) attaches to attention blocks: attention adapters cannot be merged into "
-                    "weights; they add computation of their own")
+            return f"{what} ({kind.name}) attaches to attention blocks: {ATTENTION_NOT_MERGEABLE}"
         try:
             config = kind.config_cls.model_validate(data)
         except ValidationError:
@@ -138,11 +130,12 @@ def main(args) -> int:
     from rich.table import Table
 
     from graftr.cli import out
-    from graftr.inference import load_for_inference
+    from graftr.inference import load_with_weights, resolve_base
 
-    if (reason := refusal_before_loading(args.adapter)) is not None:
+    base = resolve_base(args.model, args.adapter, weights=True, console=out)
+    if (reason := refusal_before_loading(base)) is not None:
         raise MergeError(reason)
-    loaded = load_for_inference(args.model, args.adapter, dtype=torch.float32, console=out)
+    loaded = load_with_weights(base, args.adapter, dtype=torch.float32)
     plans = [(p.name, p.rule.adapter.kind, len(p.sites)) for p in loaded.gm.plans]
     hf = merge_into_hf(loaded)
     dtype = _config_dtype(loaded.source.config) if args.dtype == "auto" else DTYPES[args.dtype]

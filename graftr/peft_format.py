@@ -89,13 +89,13 @@ def peft_adapter_config(path) -> dict | None:
     return _read_config(path)
 
 
-def peft_num_labels(path) -> int | None:
-    """The number of labels of a classification adapter's saved head (the rows of its output weight: ``classifier``
-    ``.out_proj``, ``classifier`` or ``score``), read from the safetensors header only; None for other adapters.
-    The base must be built with this many labels for the head to load (MNLI's three, not the config's default two)."""
+def peft_num_labels(path, config: dict) -> int | None:
+    """The number of labels of the classification head saved in the PEFT adapter ``path`` (whose ``config`` is
+    given): the rows of its output weight (``classifier.out_proj``, ``classifier`` or ``score``), read from the
+    safetensors header only; None for other adapters. The base must be built with this many labels for the head to
+    load (MNLI's three, not the config's default two)."""
     path = Path(path)
-    config = peft_adapter_config(path)
-    if config is None or config.get("task_type") not in _HEAD_TASK_TYPES or not (path / WEIGHTS).is_file():
+    if config.get("task_type") not in _HEAD_TASK_TYPES or not (path / WEIGHTS).is_file():
         return None
     try:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:

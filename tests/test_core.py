@@ -212,15 +212,15 @@ def test_save_never_clobbers_foreign_directories(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "mine"]
 
 
-def test_user_adapter_kind_from_own_package(tmp_path, monkeypatch):
-    """A kind defined in the user's own module, imported by the recipe, grafts like a built-in one."""
-    (tmp_path / "my_adapters.py").write_text('''
+def _user_kind_module(kind: str) -> str:
+    """A user's module defining the linear kind ``kind``: ``y' = y + b``, a learned output bias (init: ``init``)."""
+    return f'''
 from typing import Literal
 import torch
 import graftr
 
 class ShiftConfig(graftr.AdapterConfig):
-    kind: Literal["test_shift"] = "test_shift"
+    kind: Literal["{kind}"] = "{kind}"
     init: float = 0.0
 
 @graftr.register_adapter(ShiftConfig, ops=("linear",))
@@ -236,7 +236,20 @@ class Shift(graftr.LinearAdapter):
 
     def forward(self, x, y):
         return y + self.shift
-''')
+'''
+
+
+def _shifts_the_logits_by_a_half(recipe) -> None:
+    model = tiny_model("llama")
+    gm = graft(model, recipe).eval()
+    ids = torch.randint(3, 100, (1, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(input_ids=ids).logits, model(input_ids=ids).logits + 0.5)
+
+
+def test_user_adapter_kind_from_own_package(tmp_path, monkeypatch):
+    """A kind defined in the user's own module, imported by the recipe, grafts like a built-in one."""
+    (tmp_path / "my_adapters.py").write_text(_user_kind_module("test_shift"))
     (tmp_path / "recipe.yaml").write_text("""
 name: user
 imports: [my_adapters]
@@ -245,11 +258,7 @@ rules: [{name: shift, match: {path: "lm_head"}, adapter: {kind: test_shift, init
     monkeypatch.chdir(tmp_path)
     from graftr.recipe import load_recipe
 
-    model = tiny_model("llama")
-    gm = graft(model, load_recipe(tmp_path / "recipe.yaml")).eval()
-    ids = torch.randint(3, 100, (1, 4))
-    with torch.no_grad():
-        torch.testing.assert_close(gm(input_ids=ids).logits, model(input_ids=ids).logits + 0.5)
+    _shifts_the_logits_by_a_half(load_recipe(tmp_path / "recipe.yaml"))
 
 
 def test_user_adapter_kind_from_an_installed_package_entry_point(tmp_path, monkeypatch):
@@ -257,43 +266,18 @@ def test_user_adapter_kind_from_an_installed_package_entry_point(tmp_path, monke
     no `imports:` line (the distribution is faked with a dist-info directory on sys.path)."""
     from graftr import registry
 
-    (tmp_path / "my_scaled.py").write_text('''
-from typing import Literal
-import torch
-import graftr
-
-class TimesConfig(graftr.AdapterConfig):
-    kind: Literal["test_times"] = "test_times"
-    factor: float = 1.0
-
-@graftr.register_adapter(TimesConfig, ops=("linear",))
-class Times(graftr.LinearAdapter):
-    def __init__(self, factor):
-        super().__init__()
-        self.factor = torch.nn.Parameter(torch.tensor(factor))
-
-    @classmethod
-    def from_site(cls, config, site, *, device):
-        return cls(config.factor)
-
-    def forward(self, x, y):
-        return y * self.factor
-''')
-    info = tmp_path / "my_scaled-0.1.dist-info"
+    (tmp_path / "my_shift.py").write_text(_user_kind_module("test_entry_shift"))
+    info = tmp_path / "my_shift-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-scaled\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[graftr.adapters]\ntimes = my_scaled\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-shift\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[graftr.adapters]\nshift = my_shift\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", [False])
-    model = tiny_model("llama")
-    gm = graft(model, parse_recipe("""
+    _shifts_the_logits_by_a_half(parse_recipe("""
 name: ep
-rules: [{name: times, match: {path: "lm_head"}, adapter: {kind: test_times, factor: 2.0}}]
-""")).eval()
-    assert "test_times" in registry.kinds()
-    ids = torch.randint(3, 100, (1, 4))
-    with torch.no_grad():
-        torch.testing.assert_close(gm(input_ids=ids).logits, 2 * model(input_ids=ids).logits)
+rules: [{name: shift, match: {path: "lm_head"}, adapter: {kind: test_entry_shift, init: 0.5}}]
+"""))
+    assert "test_entry_shift" in registry.kinds()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "t5"])

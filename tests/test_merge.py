@@ -151,6 +151,29 @@ rules: [{name: prompt, match: {op: attention, layers: {last: 1}}, adapter: {kind
     assert "rule 'prompt' (gated_prompt) attaches to attention blocks: attention adapters cannot be merged" in err
 
 
+def test_merge_refusal_is_read_from_the_config_alone():
+    """What `graftr merge` asks before reading weights: a linear kind that keeps the default check_merge is refused
+    by name, one that overrides check_merge is left to it; IA³ merges, InA only with p = 0."""
+    from graftr.adapters.ia3 import IA3, IA3Config
+    from graftr.adapters.ina import InA, InAConfig
+    from graftr.adapters.base import LinearAdapter
+
+    class Plain(LinearAdapter):
+        kind = "test_plain"
+
+    class Mergeable(LinearAdapter):
+        kind = "test_mergeable"
+
+        def check_merge(self):
+            return None
+
+    assert Plain.merge_refusal(None) == "test_plain adapters cannot be merged into the base weights"
+    assert Mergeable.merge_refusal(None) is None
+    assert IA3.merge_refusal(IA3Config()) is None
+    assert InA.merge_refusal(InAConfig(inhibition=0.0)) is None
+    assert InA.merge_refusal(InAConfig(inhibition=0.3)).startswith("ina with inhibition 0.3 cannot be merged")
+
+
 def test_adapter_on_a_tied_weight_is_refused(tmp_path, capsys):
     err = refused(tmp_path, capsys, """
 name: head

@@ -77,7 +77,7 @@ class LinearAdapter(Adapter):
         """Why adapters with ``config`` cannot be folded into the weights, as far as the config alone tells, else
         None. ``graftr merge`` asks before it reads any base weight; :meth:`check_merge` is the check on the module.
         A kind that overrides :meth:`check_merge` is asked there (unless it overrides this too)."""
-        if cls.check_merge is Adapter.check_merge:
+        if cls.check_merge is LinearAdapter.check_merge:
             return f"{cls.kind} adapters cannot be merged into the base weights"
         return None
 

@@ -45,10 +45,6 @@ class IA3(LinearAdapter):
             return (x * self.ia3_l).to(x.dtype)
         return (y * self.ia3_l).to(y.dtype)
 
-    @classmethod
-    def merge_refusal(cls, config) -> None:
-        return None
-
     def check_merge(self) -> None:
         return None
 
