@@ -192,6 +192,8 @@ class GraftedModel(fx.GraphModule):
                 weight.data.copy_(w)
                 if bias is not None:
                     bias.data.copy_(b)
+                elif b is not None:  # an adapter added a bias (scale_bias) where the base has none
+                    self._add_bias(site, b)
         for site in sites:
             for node in [n for n in self.graph.nodes if n.op == "call_module" and n.target in site.adapters]:
                 node.replace_all_uses_with(node.args[-1])  # an output adapter's y, an input adapter's x
@@ -205,6 +207,19 @@ class GraftedModel(fx.GraphModule):
         self.graph.lint()
         self.recompile()
         return self
+
+
+    def _add_bias(self, site, bias: torch.Tensor) -> None:
+        """Give the bias-free linear ``site`` the bias ``bias``: a parameter at ``<site path>.bias``, read by its op."""
+        node = next(n for n in site.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default)
+        owner = self.get_submodule(site.path)
+        if hasattr(owner, "bias") and getattr(owner, "bias") is not None:
+            raise MergeError(f"{site.path} already has a bias attribute the graph does not read")
+        owner.register_parameter("bias", nn.Parameter(bias.detach().clone(), requires_grad=False))
+        with self.graph.inserting_before(node):
+            attr = self.graph.get_attr(f"{site.path}.bias")
+        node.args = (*node.args[:2], attr)
+        site.bias = f"{site.path}.bias"
 
 
 def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None,

@@ -39,6 +39,12 @@ def merge_into_hf(loaded: Loaded) -> nn.Module:
     gm.merge_()
     state = gm.state_dict()
     expected = hf.state_dict()
+    gained = [name for name in state if name not in expected and name.endswith(".bias")
+              and bool(state[name].any())]
+    if gained:
+        raise MergeError(f"merging gives {gained[0]} (and {len(gained) - 1} more) a bias, but {type(hf).__name__} "
+                         "has no bias there to hold it (scale_bias adds a bias to a bias-free linear); keep the "
+                         "adapter and load it with graftr instead")
     missing = [name for name in expected if name not in state and name not in tied]
     if missing:
         raise MergeError(f"the merged graph lacks {len(missing)} tensors of {type(hf).__name__}: {missing[:3]}")

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from graftr.errors import AdapterLoadError, GraftrError
 from graftr.grafted import GraftedModel, graft, prepare
 from graftr.io import MANIFEST, load_state_into, write_dir_atomically
+from graftr.registry import get_kind
 
 CONFIG, WEIGHTS, PICKLED_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key
@@ -66,6 +67,9 @@ def export_peft(gm: GraftedModel, out_dir) -> Path:
     has a PEFT equivalent: ``ina`` → LoRA (+ ``lora_inhibition``), ``ia3`` → IA3, ``gated_prompt`` →
     AdaptionPrompt (each exporter refuses, with the reason, what PEFT's type cannot express)."""
     kinds = sorted({plan.rule.adapter.kind for plan in gm.plans})
+    for kind in kinds:  # a kind that says why PEFT cannot hold it
+        if (reason := getattr(get_kind(kind).module_cls, "peft_refusal", None)) is not None:
+            raise GraftrError(reason)
     if len(kinds) != 1 or kinds[0] not in _EXPORTERS:
         have = ", ".join(kinds) or "no adapters"
         raise GraftrError(f"PEFT export needs adapters of one kind among {', '.join(sorted(_EXPORTERS))}; "

@@ -20,10 +20,11 @@ EXPECTED = {
     # op: attention needs no module paths: the LLaMA-Adapter recipes fit every decoder family (32-layer tiny models)
     "llama_adapter.yaml": {a: {"llama_adapter": 30} for a in ("llama", "qwen2", "gemma2")},
     "llama_adapter_nonlinear.yaml": {"llama": {"llama_adapter_nl": 30}},
+    "llama_adapter_v2.yaml": {a: {"llama_adapter": 30, "scale_bias": 7 * 32} for a in ("llama", "qwen2")},
     "minilm_sst2_ia3.yaml": {"bert": {"ia3_attn": 4, "ia3_ff": 2}},
 }
 # recipes that select layers by count ("last 30") run on tiny models with Llama-2-7B's depth
-LAYERS = {"llama_adapter.yaml": 32, "llama_adapter_nonlinear.yaml": 32}
+LAYERS = {"llama_adapter.yaml": 32, "llama_adapter_nonlinear.yaml": 32, "llama_adapter_v2.yaml": 32}
 
 
 def test_every_shipped_recipe_validates_and_is_covered():

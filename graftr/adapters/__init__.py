@@ -3,3 +3,4 @@
 from graftr.adapters import ia3  # noqa: F401
 from graftr.adapters import ina  # noqa: F401
 from graftr.adapters import gated_prompt  # noqa: F401
+from graftr.adapters import scale_bias  # noqa: F401

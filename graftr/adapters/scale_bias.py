@@ -1,0 +1,68 @@
+"""Bias and scale tuning of LLaMA-Adapter V2 (Gao et al. 2023, "LLaMA-Adapter V2: Parameter-Efficient Visual
+Instruction Model", https://arxiv.org/abs/2304.15010, §3.1 "bias tuning of linear layers").
+
+For a targeted linear layer ``y = W x + b0`` (``b0`` the base's own bias, 0 when it has none)::
+
+    y = s ⊙ (W x + b0 + b)          b ∈ R^out, init 0 (a new bias);  s ∈ R^out, init 1 (a per-feature scale)
+
+so the adapted model equals the base at start. ``s`` and ``b`` are kept in fp32 on any base dtype; the result is
+cast back to the activation dtype. The paper writes ``y = W·x → y = s·(W·x + b)`` on a base without biases
+(LLaMA); on a base with a bias graftr keeps ``b0`` inside the scaled sum (litgpt's ``AdapterV2Linear``, the
+text-only reference, computes ``s ⊙ (W x + b0 + b)`` the same way through its ``adapter_bias``/``adapter_scale``).
+
+Merging is exact up to rounding: ``W ← diag(s) W`` (rows for ``nn.Linear``, columns for GPT-2's ``Conv1D``),
+bias ``← s ⊙ (b0 + b)``. On a site without a bias, the merged graph gains one (a parameter at ``<site>.bias``);
+a Hugging Face checkpoint of such a model has no place for it, so ``graftr merge`` refuses unless ``b`` is zero.
+
+PEFT has no equivalent (no method adds both a bias and a scale per output feature; ``IA3`` is the scale alone), so
+``graftr export --format peft`` refuses it with that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from graftr.adapters.base import LinearAdapter
+from graftr.registry import AdapterConfig, register_adapter
+
+PEFT_REFUSAL = ("scale_bias has no HF PEFT equivalent (PEFT has no tuner adding a bias and a scale per output "
+                "feature; IA3 is the scale alone): keep the graftr adapter, or merge it with graftr merge")
+
+
+class ScaleBiasConfig(AdapterConfig):
+    kind: Literal["scale_bias"] = "scale_bias"
+
+
+@register_adapter(ScaleBiasConfig, ops=("linear",))
+class ScaleBias(LinearAdapter):
+    position = "output"
+    is_scaling = True  # reads only the site's output, never x: an input scaling after it still merges exactly
+    peft_refusal = PEFT_REFUSAL  # graftr.peft_format.export_peft refuses with this line
+
+    def __init__(self, out_features: int, device=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_site(cls, config: ScaleBiasConfig, site, *, device):
+        return cls(site.out_features, device)
+
+    def forward(self, x, y):
+        return ((y + self.bias) * self.scale).to(y.dtype)
+
+    def check_merge(self) -> None:
+        return None
+
+    def merge_into(self, weight, bias, layout):
+        s = self.scale.float().to(weight.device)
+        merged = (weight.float() * (s[:, None] if layout == "out_in" else s[None, :])).to(weight.dtype)
+        new_bias = self.bias.float().to(weight.device) + (bias.float() if bias is not None else 0.0)
+        dtype = bias.dtype if bias is not None else weight.dtype
+        return merged, (new_bias * s).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"features={self.scale.numel()}"
