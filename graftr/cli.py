@@ -27,8 +27,8 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta"):
-    """Resolve the model id (flag, else the recipe's default) and build it without weights."""
+def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta", dtype=None):
+    """Resolve the model id (flag, else the recipe's default) and build it without weights (fp32 unless dtype)."""
     from graftr.models import build_model, infer_task, resolve
 
     model_id = model_arg or (recipe.model if recipe is not None else None)
@@ -39,7 +39,7 @@ def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta"):
         out.print(f"[yellow]note:[/] {source.note}")
     task = (recipe.task if recipe is not None else None) or infer_task(source.config)
     num_labels = recipe.num_labels if recipe is not None else None
-    return source, build_model(source.config, task, device=device, num_labels=num_labels), task
+    return source, build_model(source.config, task, device=device, num_labels=num_labels, dtype=dtype), task
 
 
 def cmd_apply(args) -> int:
@@ -47,9 +47,11 @@ def cmd_apply(args) -> int:
     from graftr.grafted import graft, prepare, summary
     from graftr.recipe import load_recipe
 
+    from graftr.inference import DTYPES
+
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
-    source, model, task = _load_base(args.model, recipe)
+    source, model, task = _load_base(args.model, recipe, dtype=DTYPES[args.dtype])
     t_build = time.perf_counter()
     # a plan on the meta device never runs: trace the example shapes only (the same sites, in half the time)
     gm = prepare(model, model_id=source.model_id, task=task, dynamic=False)
@@ -77,6 +79,9 @@ def cmd_apply(args) -> int:
     out.print(table)
     out.print(f"trainable params: [bold]{_fmt(s['trainable'])}[/] / total: {_fmt(s['total'])} "
               f"({s['percent']:.4f}%)   [dim]{time.perf_counter() - t0:.1f} s[/]")
+    base_bytes = sum(p.numel() * p.element_size() for p in gm.parameters() if not p.requires_grad)
+    out.print(f"base weights in {args.dtype}: {base_bytes / 2**30:.2f} GiB; adapters "
+              f"{', '.join(sorted({str(p.dtype).removeprefix('torch.') for p in gm.parameters() if p.requires_grad}))}")
     if args.out:
         from graftr.io import save_adapter
 
@@ -158,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default: the recipe's `model`")
     p.add_argument("--out", help="save the initial adapter to this directory")
     p.add_argument("--dry-run", action="store_true", help="match only: show which sites each rule selects")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the base is built and traced in (default float32); adapters keep their own dtype")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("inspect", help="list the sites a recipe can target (path, class, op, shape)")

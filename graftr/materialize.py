@@ -286,7 +286,10 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
     if missing:
         values = _initialise(twin, [e.name for e in missing])
         for entry in missing:  # made in the twin's dtype; cast to the traced one
-            _set(gm, entry, values[entry.name].to(_target_dtype(entry, entry.tensor.dtype, dtype)))
+            # a non-persistent buffer keeps the dtype the model's own code gave it when the graph was traced (Llama's
+            # rotary inv_freq is fp32 in a bf16 model, and its forward computes the rotary tables in fp32)
+            target = entry.tensor.dtype if not persistent(entry) else _target_dtype(entry, entry.tensor.dtype, dtype)
+            _set(gm, entry, values[entry.name].to(target))
         new = sorted(e.name for e in missing if persistent(e))
         if new:
             report.append(f"newly initialized (not in the checkpoint): {', '.join(new)}")

@@ -364,13 +364,10 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
 
     # ---- adapter export, summary ---------------------------------------------------------------------------------
     # full fp32 tensors: the optimizer's master copy, gathered from the ZeRO partitions (a collective: all ranks)
-    from deepspeed.utils import safe_get_full_fp32_param
+    from graftr.train.precision import full_fp32
 
-    tensors = {}
-    for name, p in gm.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)  # None without ZeRO partitions or mixed precision: p is the value
-            tensors[name] = (p if full is None else full).detach().float().cpu()
+    names = [n for n, p in gm.named_parameters() if p.requires_grad]
+    tensors = dict(zip(names, full_fp32(engine, [gm.get_parameter(n) for n in names])))
     elapsed = time.perf_counter() - t_start
     summary = {"steps": step, "epochs": step / steps_per_epoch, "final_eval": last_eval, "best_eval": best,
                "train_seconds": train_seconds, "elapsed_seconds": elapsed,

@@ -1,0 +1,135 @@
+"""Scale: a low-precision base (bf16/fp16 checkpoints, fp32 master weights), activation checkpointing, the memory
+estimate.
+
+The models are the tiny Llama of :mod:`after_training_kit` saved in bf16 or fp16; runs are ``graftr train`` in this
+process (DeepSpeed with a process group of one) or, for ZeRO-3, two processes through the launcher (slow).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from after_training_kit import model_dir
+from safetensors.torch import load_file
+from test_train import INSTRUCTIONS, recipe, records, train_here, write_jsonl
+
+from graftr import cli, graft
+from graftr.materialize import build_empty, materialize
+from graftr.models import resolve
+from graftr.recipe import parse_recipe
+
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INA_QV = ('{name: ina_qv, match: {path: "model.layers.*.self_attn.{q_proj,v_proj}"}, '
+          'adapter: {kind: ina, rank: 4, alpha: 8, dropout: 0.1}}')
+TRAIN = """
+max_steps: 4
+micro_batch_size: 4
+lr: 0.02
+lr_schedule: constant
+log_every: 1
+data: {format: alpaca, max_length: 96, eval_split: null}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_environment():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The tiny Llama saved as bf16, fp16 and fp32 safetensors (the same values, rounded), and alpaca data."""
+    root = tmp_path_factory.mktemp("scale")
+    model = model_dir(root / "fp32", "llama")
+    for name in ("bf16", "fp16"):
+        model_dir(root / name, "llama")  # tokenizer and config
+        model.to(DTYPE[name]).save_pretrained(root / name)
+        model.float()
+    write_jsonl(root / "alpaca.jsonl", [{"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS])
+    return root
+
+
+def _grafted(root, checkpoint: str, precision: str):
+    source = resolve(str(root / checkpoint))
+    rec = parse_recipe(f"name: t\nrules:\n  - {INA_QV}\n")
+    gm = graft(build_empty(source.config, "causal_lm", dtype=DTYPE[precision]), rec, model_id=source.model_id)
+    materialize(gm, source.directory, dtype=DTYPE[precision])
+    return gm
+
+
+# ---- 1. low-precision base ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("checkpoint", ["bf16", "fp16", "fp32"])
+def test_the_base_is_held_in_bf16_from_any_checkpoint(root, checkpoint):
+    gm = _grafted(root, checkpoint, "bf16")
+    base = {n: p for n, p in gm.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in base.values()} == {torch.bfloat16}
+    # adapters are fp32 (cast at the site); the rotary table stays fp32 as in HF's own bf16 model
+    assert {p.dtype for p in gm.adapter_state_dict().values()} == {torch.float32}
+    assert gm.get_buffer("model.rotary_emb.inv_freq").dtype == torch.float32
+    # the values are the checkpoint's, rounded once to bf16
+    stored = load_file(str(root / checkpoint / "model.safetensors"))
+    for name, p in base.items():
+        key = name if name in stored else "model.embed_tokens.weight"  # lm_head is tied
+        assert torch.equal(p, stored[key].to(torch.bfloat16)), name
+    if checkpoint == "bf16":  # used as mapped from the file, no copy
+        assert base["model.layers.0.mlp.up_proj.weight"].untyped_storage().nbytes() \
+            < 4 * base["model.layers.0.mlp.up_proj.weight"].numel()
+
+
+def test_bf16_graph_matches_hf_bf16_model(root):
+    """The bf16 graph computes what transformers' own bf16 model computes (rotary tables in fp32 included)."""
+    from transformers import AutoModelForCausalLM
+
+    gm = _grafted(root, "bf16", "bf16").eval()
+    hf = AutoModelForCausalLM.from_pretrained(root / "bf16", dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, hf.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ours, theirs = gm(input_ids=ids).logits, hf(input_ids=ids).logits
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)
+
+
+def test_graft_on_a_bf16_model_trains_fp32_adapters(root):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(root / "bf16", dtype=torch.bfloat16)
+    gm = graft(hf, parse_recipe(f"name: t\nrules:\n  - {INA_QV}\n")).train()
+    ids = torch.randint(3, hf.config.vocab_size, (2, 12))
+    gm(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in gm.adapter_state_dict().items()}
+    assert len(grads) == 2 * 2 * 2 and all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    assert all(p.grad is None for p in gm.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("checkpoint", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_low_precision_checkpoints_train_and_save(root, tmp_path, capsys, checkpoint, stage):
+    out = tmp_path / "run"
+    log = train_here(capsys, recipe(tmp_path / "r.yaml", [INA_QV], TRAIN), "--model", str(root / checkpoint),
+                     "--data", str(root / "alpaca.jsonl"), "--out", str(out), "train.precision=bf16",
+                     f"train.zero_stage={stage}")
+    assert f"ZeRO-{stage}, bf16" in log
+    losses = [r["loss"] for r in records(out)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    saved = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert len(saved) == 8 and {t.dtype for t in saved.values()} == {torch.float32}
+    # the optimizer's fp32 master weights, not the model's bf16 copy: some value is not a bf16 number
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in saved.values())
+    assert any(t.abs().sum() > 0 for n, t in saved.items() if n.endswith("lora_B"))
+
+
+def test_apply_takes_a_dtype(root, capsys):
+    path = root / "apply.yaml"
+    path.write_text(f"name: a\nrules:\n  - {INA_QV}\n")
+    capsys.readouterr()
+    assert cli.main(["apply", str(path), "--model", str(root / "fp32"), "--dtype", "bfloat16"]) == 0
+    text = capsys.readouterr().out
+    # tiny Llama: 2 layers of 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32 weights, 2 * (V * 32) embeddings + final norm
+    base = sum(p.numel() for n, p in _grafted(root, "fp32", "fp32").named_parameters() if "lora" not in n)
+    assert f"base weights in bfloat16: {2 * base / 2**30:.2f} GiB; adapters float32" in text
