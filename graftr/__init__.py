@@ -7,7 +7,7 @@ parameter-efficient adapters, and train the result with DeepSpeed ZeRO.
 from graftr.adapters.base import Adapter, LinearAdapter
 from graftr.errors import GraftrError
 from graftr.grafted import GraftedModel, graft, prepare
-from graftr.io import load_adapter, save_adapter
+from graftr.formats import load_adapter, save_adapter
 from graftr.registry import AdapterConfig, register_adapter
 
 

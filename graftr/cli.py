@@ -12,15 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from graftr.console import console, errors
 from graftr.errors import GraftrError
-
-# long paths and notes stay on one line (grep-able); piped output (grep, files, CI logs) is not cut at 80 columns,
-# so tables keep whole module paths
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 
 def _fmt(n: int) -> str:
@@ -36,7 +31,7 @@ def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta", dtyp
         raise GraftrError("no model given: pass --model (a hub id, a model directory or a config.json)")
     source = resolve(model_id)
     if source.note:
-        out.print(f"[yellow]note:[/] {source.note}")
+        console.print(f"[yellow]note:[/] {source.note}")
     task = (recipe.task if recipe is not None else None) or infer_task(source.config)
     num_labels = recipe.num_labels if recipe is not None else None
     return source, build_model(source.config, task, device=device, num_labels=num_labels, dtype=dtype), task
@@ -45,9 +40,8 @@ def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta", dtyp
 def cmd_apply(args) -> int:
     from graftr import passes
     from graftr.grafted import graft, prepare, summary
+    from graftr.names import DTYPES
     from graftr.recipe import load_recipe
-
-    from graftr.inference import DTYPES
 
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
@@ -56,7 +50,7 @@ def cmd_apply(args) -> int:
     # a plan on the meta device never runs: trace the example shapes only (the same sites, in half the time)
     gm = prepare(model, model_id=source.model_id, task=task, dynamic=False)
     t_trace = time.perf_counter()
-    out.print(f"[bold]{recipe.name}[/] on [bold]{source.model_id}[/] ({gm.hf_class}, task {task}): traced in "
+    console.print(f"[bold]{recipe.name}[/] on [bold]{source.model_id}[/] ({gm.hf_class}, task {task}): traced in "
               f"{t_trace - t_build:.1f} s, {len(gm.site_index.linear)} linear and "
               f"{len(gm.site_index.attention)} attention sites")
     if args.dry_run:
@@ -66,7 +60,7 @@ def cmd_apply(args) -> int:
             table.add_column(col)
         for p in plans:
             table.add_row(p.name, p.rule.adapter.kind, str(len(p.sites)), "\n".join(s.path for s in p.sites[:3]))
-        out.print(table)
+        console.print(table)
         return 0
     gm = graft(gm, recipe)
     s = summary(gm)
@@ -76,17 +70,17 @@ def cmd_apply(args) -> int:
         table.add_column(col, justify=justify)
     for r in s["rules"]:
         table.add_row(r["rule"], r["kind"], str(r["sites"]), _fmt(r["params"]), "\n".join(r["examples"]))
-    out.print(table)
-    out.print(f"trainable params: [bold]{_fmt(s['trainable'])}[/] / total: {_fmt(s['total'])} "
+    console.print(table)
+    console.print(f"trainable params: [bold]{_fmt(s['trainable'])}[/] / total: {_fmt(s['total'])} "
               f"({s['percent']:.4f}%)   [dim]{time.perf_counter() - t0:.1f} s[/]")
     base_bytes = sum(p.numel() * p.element_size() for p in gm.parameters() if not p.requires_grad)
-    out.print(f"base weights in {args.dtype}: {base_bytes / 2**30:.2f} GiB; adapters "
+    console.print(f"base weights in {args.dtype}: {base_bytes / 2**30:.2f} GiB; adapters "
               f"{', '.join(sorted({str(p.dtype).removeprefix('torch.') for p in gm.parameters() if p.requires_grad}))}")
     if args.out:
-        from graftr.io import save_adapter
+        from graftr.formats.graftr import save_adapter
 
         save_adapter(gm, args.out)
-        out.print(f"saved the initial adapter to {args.out}")
+        console.print(f"saved the initial adapter to {args.out}")
     return 0
 
 
@@ -115,9 +109,9 @@ def cmd_inspect(args) -> int:
         rows += 1
     if rows == 0:
         raise GraftrError(f"no site matches --filter {args.filter!r}" + (f" and --op {args.op}" if args.op else ""))
-    out.print(table)
+    console.print(table)
     stacks = ", ".join(f"{k} ({v})" for k, v in gm.site_index.stack_sizes.items())
-    out.print(f"{rows} sites; layer stacks: {stacks or 'none'}")
+    console.print(f"{rows} sites; layer stacks: {stacks or 'none'}")
     return 0
 
 
@@ -129,22 +123,21 @@ def cmd_validate(args) -> int:
         try:
             recipe = load_recipe(path)
         except GraftrError as e:
-            err.print(f"[red]✗[/] {e}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]✗[/] {e}", highlight=False, soft_wrap=True)
             failures += 1
             continue
-        out.print(f"[green]✓[/] {path}: {recipe.name} ({len(recipe.rules)} rules)")
+        console.print(f"[green]✓[/] {path}: {recipe.name} ({len(recipe.rules)} rules)")
     return 2 if failures else 0
 
 
 def cmd_schema(args) -> int:
+    from graftr.formats.files import write_text_atomically
     from graftr.recipe import recipe_json_schema
 
     text = json.dumps(recipe_json_schema(), indent=2) + "\n"
     if args.out:
-        tmp = Path(args.out).with_suffix(Path(args.out).suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
-        out.print(f"wrote {args.out}")
+        write_text_atomically(Path(args.out), text)
+        console.print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
     return 0
@@ -187,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands implemented in their own modules: each module has add_arguments(parser) and main(args) -> int.
 COMMAND_MODULES = {
-    "train": ("graftr.train", "train a recipe's adapters with DeepSpeed (one process or many)"),
+    "train": ("graftr.train.command", "train a recipe's adapters with DeepSpeed (one process or many)"),
     "merge": ("graftr.merge", "fold mergeable adapters into the base weights and write a plain HF model directory"),
-    "export": ("graftr.export", "write an adapter in another format (PEFT)"),
+    "export": ("graftr.formats.command", "write an adapter in another format (PEFT)"),
     "generate": ("graftr.generate", "generate text with a grafted model"),
     "eval": ("graftr.evaluate", "evaluate a grafted model on a dataset (loss/perplexity or accuracy)"),
 }
@@ -216,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GraftrError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
+        errors.print("[red]interrupted[/]")
         return 130
 
 

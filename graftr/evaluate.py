@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from graftr.errors import GraftrError
 from graftr.loss import IGNORE_INDEX
-
-LM_TASKS = ("causal_lm", "masked_lm", "seq2seq_lm")
+from graftr.names import LM_TASKS
 
 
 def evaluate(model, loader, *, task: str | None = None, distributed: bool = False) -> dict[str, float]:
@@ -83,7 +82,7 @@ def _sums(task: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def add_arguments(parser) -> None:
-    from graftr.inference import add_model_arguments
+    from graftr.load import add_model_arguments
 
     add_model_arguments(parser, adapter_required=True)
     parser.add_argument("--data", required=True, help="a data file, a directory of split files or a hub dataset")
@@ -95,18 +94,18 @@ def add_arguments(parser) -> None:
 
 def data_config(recipe, overrides: list[str], split: str | None):
     """The recipe's DataConfig with ``data.KEY=VALUE`` overrides (YAML values) and the split to evaluate."""
-    import yaml
     from pydantic import ValidationError
 
     from graftr.data import DataConfig
-    from graftr.inference import recipe_data
+    from graftr.load import recipe_data
+    from graftr.recipe import apply_override, parse_override
 
     fields = recipe_data(recipe) or {}
     for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq or not key.startswith("data.") or not key[5:]:
+        keys, value = parse_override(item) if "=" in item else ((), None)
+        if len(keys) < 2 or keys[0] != "data":
             raise GraftrError(f"override {item!r} is not data.KEY=VALUE")
-        fields[key[5:]] = yaml.safe_load(value)
+        apply_override(fields, keys[1:], value, item)
     if split is not None:
         fields["eval_split"] = split
     if "format" not in fields:
@@ -123,14 +122,15 @@ def main(args) -> int:
     from rich.table import Table
     from torch.utils.data import DataLoader
 
-    from graftr.cli import out
+    from graftr.console import console
     from graftr.data import Collator, build_datasets
-    from graftr.inference import DTYPES, load_for_inference
+    from graftr.load import load_for_inference
+    from graftr.names import DTYPES
     from graftr.models import load_tokenizer
 
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=out)
+    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console)
     cfg = data_config(loaded.recipe, args.overrides, args.split)
     if cfg.eval_split is None:
         raise GraftrError("the data settings name no eval split (eval_split: null); pass --split")
@@ -144,7 +144,7 @@ def main(args) -> int:
     if eval_set is None:
         raise GraftrError(f"{args.data} has no split '{cfg.eval_split}'; pass --split")
     for note in info.notes:
-        out.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {note}")
     loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, collate_fn=Collator(tokenizer))
     metrics = evaluate(loaded.gm, loader)
     table = Table(title=f"{args.adapter} on {cfg.eval_split} of {args.data}")
@@ -152,7 +152,7 @@ def main(args) -> int:
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
-    out.print(table)
+    console.print(table)
     return 0
 
 

@@ -181,7 +181,7 @@ class _Run:
 def template_prompts(prompts: list[str], recipe, tokenizer) -> tuple[list[str], bool]:
     """``(prompts, add_special_tokens)``: the prompts wrapped as the recipe's training data wrapped instructions."""
     from graftr.data import format_prompt
-    from graftr.inference import recipe_data
+    from graftr.load import recipe_data
 
     data = recipe_data(recipe) or {}
     if data.get("format") == "alpaca":
@@ -237,7 +237,7 @@ def generate_text(gm, tokenizer, prompts: list[str], *, max_new_tokens: int, sam
 
 
 def add_arguments(parser) -> None:
-    from graftr.inference import add_model_arguments
+    from graftr.load import add_model_arguments
 
     add_model_arguments(parser, adapter_required=False)
     parser.add_argument("--prompt", action="append", required=True,
@@ -253,13 +253,14 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from graftr.cli import err, out
-    from graftr.inference import DTYPES, load_for_inference
+    from graftr.console import console, errors
+    from graftr.load import load_for_inference
+    from graftr.names import DTYPES, GENERATIVE_TASKS
     from graftr.models import load_tokenizer
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
-    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=out)
-    if loaded.gm.task not in ("causal_lm", "seq2seq_lm"):
+    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console)
+    if loaded.gm.task not in GENERATIVE_TASKS:
         raise GraftrError(f"generate needs a causal_lm or seq2seq_lm model; this one is {loaded.gm.task}")
     tokenizer = load_tokenizer(loaded.source)
     start = time.perf_counter()
@@ -268,14 +269,14 @@ def main(args) -> int:
                                   use_cache=not args.no_cache, generation_config=_generation_config(loaded.source))
     seconds = time.perf_counter() - start
     if result.note:
-        err.print(f"[yellow]note:[/] no KV cache: {result.note}; every token recomputes the whole sequence",
+        errors.print(f"[yellow]note:[/] no KV cache: {result.note}; every token recomputes the whole sequence",
                   highlight=False)
     for i, text in enumerate(texts):
         if len(texts) > 1:
-            out.print(f"[bold]--- {i + 1}[/]")
-        out.print(text, markup=False, highlight=False)
+            console.print(f"[bold]--- {i + 1}[/]")
+        console.print(text, markup=False, highlight=False)
     rows, steps = result.tokens.shape
-    err.print(f"[dim]{steps} steps × {rows} prompts in {seconds:.2f} s, {rows * steps / seconds:.1f} tokens/s "
+    errors.print(f"[dim]{steps} steps × {rows} prompts in {seconds:.2f} s, {rows * steps / seconds:.1f} tokens/s "
               f"({'KV cache' if result.cached else 'full recomputation'})[/]", highlight=False)
     return 0
 

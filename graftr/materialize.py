@@ -298,3 +298,11 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
     if unused:
         report.append(f"unused checkpoint keys: {', '.join(unused)}")
     return report
+
+
+def replace_parameter(gm: nn.Module, param: torch.Tensor, value: torch.Tensor) -> None:
+    """Replace the parameter ``param`` (on ``meta``) by a real one holding ``value`` under every name it has
+    (``param.data = value`` refuses meta → cpu, and tracing leaves weak references that forbid
+    ``torch.utils.swap_tensors``)."""
+    names = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is param]
+    _set(gm, _Entry(param, "parameter", names), value)

@@ -11,7 +11,7 @@ Everything that can refuse does so before anything is written: an adapter kind t
 message says why; read from the adapter's recipe or PEFT config before any base weight is), an adapter on a weight
 tied to another one (merging would change both), a mismatched base.
 
-The output directory is written atomically (:func:`graftr.io.write_dir_atomically`); an existing directory is
+The output directory is written atomically (:func:`graftr.formats.files.write_dir_atomically`); an existing directory is
 replaced only if it holds a ``config.json``.
 """
 
@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
-from graftr.inference import DTYPES, Base, Loaded
+from graftr.load import Base, Loaded
+from graftr.names import DTYPES
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -62,7 +63,7 @@ def refusal_before_loading(base: Base) -> str | None:
     from pydantic import ValidationError
 
     from graftr import registry
-    from graftr.peft_format import peft_adapters
+    from graftr.formats.peft import peft_adapters
 
     if base.peft is not None:
         adapters = [(f"PEFT {base.peft.get('peft_type')} adapter", data) for data in peft_adapters(base.peft)]
@@ -97,7 +98,7 @@ def _tied_names(hf: nn.Module) -> set[str]:
 
 def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype) -> None:
     """Write ``hf`` (cast to ``dtype``) with config, generation config and the source's tokenizer files."""
-    from graftr.io import write_dir_atomically
+    from graftr.formats.files import write_dir_atomically
     from graftr.models import load_tokenizer
 
     tokenizer = None
@@ -135,10 +136,10 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from rich.table import Table
 
-    from graftr.cli import out
-    from graftr.inference import load_with_weights, resolve_base
+    from graftr.console import console
+    from graftr.load import load_with_weights, resolve_base
 
-    base = resolve_base(args.model, args.adapter, weights=True, console=out)
+    base = resolve_base(args.model, args.adapter, weights=True, console=console)
     if (reason := refusal_before_loading(base)) is not None:
         raise MergeError(reason)
     loaded = load_with_weights(base, args.adapter, dtype=torch.float32)
@@ -151,8 +152,8 @@ def main(args) -> int:
         table.add_column(col)
     for name, kind, sites in plans:
         table.add_row(name, kind, str(sites))
-    out.print(table)
-    out.print(f"wrote {type(hf).__name__} ({str(dtype).removeprefix('torch.')}) to {args.out}; "
+    console.print(table)
+    console.print(f"wrote {type(hf).__name__} ({str(dtype).removeprefix('torch.')}) to {args.out}; "
               "it loads with transformers' from_pretrained, without graftr")
     return 0
 

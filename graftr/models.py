@@ -31,8 +31,7 @@ from transformers import (
 )
 
 from graftr.errors import GraftrError
-
-TASKS = ("causal_lm", "seq2seq_lm", "seq_cls", "token_cls", "masked_lm")
+from graftr.names import TASKS
 
 AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,

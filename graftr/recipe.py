@@ -29,11 +29,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from graftr import registry
 from graftr.configmodel import Boolean, ConfigModel
 from graftr.errors import GraftrError, MatchError, RecipeError
+from graftr.names import Task
 from graftr.registry import AdapterConfig
 from graftr.selectors import LayerSelect, compile_glob
 from graftr.train.config import TrainConfig
 
-Task = Literal["causal_lm", "seq2seq_lm", "seq_cls", "token_cls", "masked_lm"]
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
@@ -191,9 +191,10 @@ def read_recipe_text(path: str | Path) -> str:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; every problem raises one :class:`RecipeError`."""
-    return parse_recipe(read_recipe_text(path), source=str(path))
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read and validate a recipe file, after ``path.to.field=value`` overrides; every problem raises one
+    :class:`RecipeError`."""
+    return parse_recipe(read_recipe_text(path), source=str(path), overrides=overrides)
 
 
 def _source_dir(source: str) -> list[str]:
@@ -201,10 +202,12 @@ def _source_dir(source: str) -> list[str]:
     return [str(folder.resolve())] if Path(source).is_file() else []
 
 
-def parse_recipe(text: str, source: str = "<string>") -> Recipe:
-    """Validate a recipe's YAML text, after importing its ``imports:``.
+def parse_recipe(text: str, source: str = "<string>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate a recipe's YAML text, after applying ``overrides`` to its mapping and importing its ``imports:``.
 
-    Raises :class:`RecipeError` listing every problem, one per line, as ``source:line: location: message``.
+    Raises :class:`RecipeError` listing every problem, one per line: ``source:line: location: message`` for values
+    from the text, ``override X=Y: location: message`` for values an override set (and ``source:line with override
+    X=Y: ...`` for a check of a whole mapping that failed on values overrides set in it).
     """
     root, data = _compose(text, source)
     if data is None:
@@ -212,22 +215,43 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}:{root.start_mark.line + 1}: a recipe must be a mapping with name and rules, "
                           f"got {type(data).__name__}")
+    applied = []
+    for item in overrides:
+        keys, value = parse_override(item)
+        apply_override(data, keys, value, item)
+        applied.append((keys, item))
 
-    problems = list(_duplicate_keys(root))  # (line, location, message)
+    # (line for sorting, origin, location, message); origin is "file:line" or "override KEY=VALUE"
+    problems = [(line, f"{source}:{line}", where, message) for line, where, message in _duplicate_keys(root)]
     imports = data.get("imports")
     for i, module in enumerate(imports if isinstance(imports, list) else []):
         if isinstance(module, str) and re.match(_MODULE_NAME, module):  # else validation reports it
             try:
                 registry.import_modules([module], search=_source_dir(source))
             except GraftrError as e:
-                problems.append((*_locate(root, ("imports", i)), str(e)))
+                line, where = _locate(root, ("imports", i))
+                problems.append((line, f"{source}:{line}", where, str(e)))
+    recipe = None
     try:
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
-        problems += [_problem(root, error) for error in e.errors()]
+        for error in e.errors():
+            line, where, message = _problem(root, error)
+            if not applied:
+                problems.append((line, f"{source}:{line}", where, message))
+                continue
+            loc = _data_loc(tuple(error["loc"]), data)
+            by = next((item for keys, item in reversed(applied) if loc[: len(keys)] == keys), None)
+            if by is not None:  # the value came from an override: the file's line would point elsewhere
+                problems.append((0, f"override {by}", _display(loc), message))
+                continue
+            # a check of the whole mapping (train: offload needs a zero_stage) may fail on values overrides set in it
+            inside = [item for keys, item in applied if keys[: len(loc)] == loc]
+            origin = f"{source}:{line}" + (f" with override {' '.join(inside)}" if inside else "")
+            problems.append((line, origin, _display(loc), message))
     if problems:
-        raise RecipeError("\n".join(f"{source}:{line}: {where}: {message}" for line, where, message in sorted(
-            problems, key=lambda p: p[0])))
+        raise RecipeError("\n".join(f"{origin}: {where}: {message}" for _, origin, where, message in
+                                    sorted(problems, key=lambda p: p[0])))
     return recipe
 
 
@@ -314,3 +338,72 @@ def _duplicate_keys(node: yaml.Node, where: str = "", seen: set[int] | None = No
                 yield key.start_mark.line + 1, child, f"duplicate key (first given on line {first_line[name]})"
             first_line.setdefault(name, key.start_mark.line + 1)
             yield from _duplicate_keys(value, child, seen)
+
+
+# --------------------------------------------------------------------------------------------- overrides
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=(.*)$", re.DOTALL)
+
+
+def parse_override(text: str) -> tuple[tuple[str | int, ...], Any]:
+    """``"train.max_steps=20"`` → ``(("train", "max_steps"), 20)``; the value is read as a YAML scalar/flow."""
+    m = _OVERRIDE.match(text)
+    if m is None:
+        raise GraftrError(f"override {text!r} is not path.to.field=value (e.g. train.max_steps=20)")
+    path = tuple(int(p) if p.isdigit() else p for p in m.group(1).split("."))
+    try:
+        value = yaml.safe_load(m.group(2)) if m.group(2).strip() else None
+    except yaml.YAMLError as e:
+        raise GraftrError(f"override {text!r}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
+    return path, value
+
+
+def apply_override(data: dict, path: tuple[str | int, ...], value: Any, text: str) -> None:
+    """Set ``data[path] = value``, creating mappings on the way; list items are addressed by index."""
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        where = ".".join(map(str, path[: depth + 1]))
+        if isinstance(node, dict):
+            if not isinstance(node.get(part), (dict, list)):
+                if part in node and node[part] is not None:
+                    raise GraftrError(f"override {text!r}: {where} is {node[part]!r}, not a mapping")
+                node[part] = {}
+            node = node[part]
+        elif isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                raise GraftrError(f"override {text!r}: {where} is not an index of the list "
+                                  f"(it has {len(node)} items)")
+            node = node[part]
+        else:
+            raise GraftrError(f"override {text!r}: {where} cannot be set inside {node!r}")
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or not 0 <= last < len(node):
+            raise GraftrError(f"override {text!r}: {last} is not an index of the list (it has {len(node)} items)")
+    elif not isinstance(node, dict):
+        raise GraftrError(f"override {text!r}: cannot set {last} inside {node!r}")
+    node[last] = value
+
+
+def _data_loc(loc: tuple, data: Any) -> tuple:
+    """A pydantic error location as a path into ``data``: the adapter-kind tag a discriminated union adds
+    (``rules.0.adapter.ia3.rank``) is dropped."""
+    out, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        out.append(part)
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+    return tuple(out)
+
+
+def _has(node: dict | list, part: Any) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
+
+
+def _display(loc: tuple) -> str:
+    """``("rules", 0, "adapter", "rank")`` → ``rules[0].adapter.rank``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

@@ -14,7 +14,6 @@ default positions (one row broadcast over the batch) give rotary tables of one r
 from __future__ import annotations
 
 import inspect
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -388,10 +387,6 @@ def _erase_unused(graph: fx.Graph, node) -> None:
         node = parent
 
 
-def is_attention_call(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), SDPA)
-
-
 def to_graph_module(ep: torch.export.ExportedProgram, cls: type[fx.GraphModule] = fx.GraphModule,
                     class_name: str = "GraphModule") -> fx.GraphModule:
     """A plain (train/eval-able) GraphModule from an exported program, HF parameter names kept."""
@@ -407,17 +402,3 @@ def to_graph_module(ep: torch.export.ExportedProgram, cls: type[fx.GraphModule] 
         if hasattr(unlifted, attr):
             setattr(gm, attr, getattr(unlifted, attr))
     return normalize(gm)
-
-
-def trace(model: nn.Module, spec: TraceSpec | None = None) -> fx.GraphModule:
-    """Export ``model`` and return the normalized GraphModule (parameters shared with ``model``, not copied)."""
-    spec = spec or trace_spec(model)
-    gm = to_graph_module(export(model, spec), class_name=type(model).__name__)
-    gm.graftr_input_names = list(spec.input_names)
-    gm.graftr_max_positions = spec.max_positions
-    gm.graftr_position_ids = spec.position_ids
-    return gm
-
-
-def param_count(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())

@@ -7,7 +7,6 @@ first launch JIT-builds a C++ communication op (~90 s per process) before the te
 import json
 import math
 import os
-import socket
 from functools import partial
 
 import pytest
@@ -22,7 +21,7 @@ from graftr.recipe import parse_recipe
 from graftr.registry import kinds
 from graftr.sites import layer_of
 from graftr.trace import SDPA
-from graftr.zero import gathered_adapter_state
+from graftr.train.distributed import free_port as _free_port, gathered_adapter_state
 
 LLAMA_IA3 = ia3_recipe(*IA3_TARGETS["llama"])
 RECIPES = {
@@ -249,12 +248,6 @@ def _zero_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         engine.destroy()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutpu
 
 from graftr import models
 from graftr.errors import GraftrError
-from graftr.trace import param_count, trace
-from zoo import ARCHS, example_inputs, tiny_config, tiny_model
+from zoo import ARCHS, example_inputs, param_count, tiny_config, tiny_model, trace
 
 # Shapes other than the (2, 8) example export traces with; batch 3 has right padding.
 SHAPES = [(1, 5), (3, 13)]

@@ -34,7 +34,7 @@ from graftr.recipe import parse_recipe
 from graftr.train import checkpoint
 from graftr.train.config import deepspeed_config, merge_user_config
 
-# Set by a single-process run in this process (graftr.train.loop._init_distributed); a subprocess that inherited
+# Set by a single-process run in this process (graftr.train.distributed.init_distributed); a subprocess that inherited
 # them would take itself for one rank of a launched job.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -403,7 +403,7 @@ class FakeEngine:
 
 
 def test_checkpoint_save_is_atomic(tmp_path):
-    from graftr.train.loop import _init_distributed
+    from graftr.train.distributed import init_distributed as _init_distributed
 
     _init_distributed()  # a process group of one (save() synchronises the ranks)
     ckpt = tmp_path / "checkpoints"

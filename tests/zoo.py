@@ -7,11 +7,14 @@ the test sequences so windowed attention is exercised.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import fx, nn
 from transformers import AutoConfig, PretrainedConfig
 
 from graftr.models import build_model
-from graftr.trace import default_position_ids, trace_spec
+from graftr.trace import default_position_ids, export, to_graph_module, trace_spec
 
 VOCAB = 128
 MAX_POSITIONS = 64
@@ -119,3 +122,18 @@ name: ia3
   - {{name: ia3_attn, match: {{path: "{output_path}"}}, adapter: {{kind: ia3}}}}
   - {{name: ia3_ff, match: {{path: "{input_path}"}}, adapter: {{kind: ia3, scale: input}}}}
 """
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` exported and normalized into a plain GraphModule (parameters shared with ``model``, not copied),
+    without the grafted model's wrapper: what :func:`graftr.prepare` traces."""
+    spec = trace_spec(model)
+    gm = to_graph_module(export(model, spec), class_name=type(model).__name__)
+    gm.graftr_input_names = list(spec.input_names)
+    gm.graftr_max_positions = spec.max_positions
+    gm.graftr_position_ids = spec.position_ids
+    return gm
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -47,10 +47,10 @@ from graftr import fxmeta
 from graftr.adapters.base import Adapter, _tag
 from graftr.adapters.prompts import Hypernetwork, SharedMLP
 from graftr.errors import GraftrError
+from graftr.names import DTYPES
 from graftr.registry import AdapterConfig, register_adapter
 from graftr.sites import SOFTMAX_OPS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDING_DIM = {"hypernetwork": 64, "shared_mlp": 256}  # the official code's widths of E and of the table rows
 _GENERATOR_FIELDS = ("embedding_dim", "hidden", "activation")
 

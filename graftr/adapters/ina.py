@@ -35,6 +35,7 @@ from torch import nn
 
 from graftr.adapters.base import LinearAdapter
 from graftr.errors import MergeError
+from graftr.names import DTYPES
 from graftr.registry import AdapterConfig, register_adapter
 
 ACTIVATIONS = {
@@ -45,7 +46,6 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
     "identity": lambda t: t,
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InAConfig(AdapterConfig):

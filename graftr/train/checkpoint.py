@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from graftr.errors import GraftrError
+from graftr.formats.files import write_text_atomically
 
 LATEST = "latest"
 META = "graftr.json"
@@ -88,15 +89,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(engine, directory: Path, step: int, meta: dict, *, keep: int) -> Path:
     """Save a checkpoint of ``engine`` after ``step`` (every rank calls this); returns ``directory/step-N``."""
     import torch.distributed as dist
@@ -119,7 +111,7 @@ def save(engine, directory: Path, step: int, meta: dict, *, keep: int) -> Path:
         for path in [*tmp.rglob("*"), tmp]:
             _fsync(path)
         os.rename(tmp, final)  # the checkpoint becomes visible complete, or not at all
-        _write_atomically(directory / LATEST, final.name)
+        write_text_atomically(directory / LATEST, final.name)
         _fsync(directory)
         for old in complete(directory)[:-keep]:
             shutil.rmtree(old)

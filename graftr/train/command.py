@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
+
+from graftr.train.distributed import free_port, launched
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,21 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launched() -> bool:
-    """Whether this process was started by a distributed launcher (and so is one rank of a job)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def _relaunch(args, recipe_name: str) -> int:
     """Run this command again under the DeepSpeed launcher with ``--nproc`` processes per node."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
-               "--master_port", str(args.master_port or _free_port()), "--no_local_rank", "--log_level", "warning"]
+               "--master_port", str(args.master_port or free_port()), "--no_local_rank", "--log_level", "warning"]
     if args.num_nodes is not None:
         command += ["--num_nodes", str(args.num_nodes)]
     if args.hostfile is not None:
@@ -81,11 +71,11 @@ def _relaunch(args, recipe_name: str) -> int:
 
 
 def main(args) -> int:
-    from graftr.cli import out
+    from graftr.console import console
     from graftr.errors import GraftrError
-    from graftr.train.config import load_recipe_with_overrides
+    from graftr.recipe import load_recipe
 
-    recipe = load_recipe_with_overrides(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
     if recipe.train is None:
         raise GraftrError(f"{args.recipe} has no train: section (data format, lr, max_steps or epochs); "
                           "add one or pass train.* overrides")
@@ -96,7 +86,7 @@ def main(args) -> int:
              if value is not None]
     if multi and args.nproc is None:
         raise GraftrError(f"{', '.join(multi)} only apply with --nproc (the launcher uses them)")
-    if args.nproc is not None and not _launched():
+    if args.nproc is not None and not launched():
         return _relaunch(args, recipe.name)
 
     from graftr.train.loop import train
@@ -104,7 +94,7 @@ def main(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         train(recipe, model_id=args.model or recipe.model, data=args.data,
-              out=args.out or os.path.join("runs", recipe.name), resume=args.resume, console=out)
+              out=args.out or os.path.join("runs", recipe.name), resume=args.resume, console=console)
     except GraftrError:
         if rank != 0:  # every rank stops on the same error; rank 0 reports it once
             return 2

@@ -1,4 +1,4 @@
-"""The ``train:`` section of a recipe, the DeepSpeed config built from it, and ``path.to.field=value`` overrides.
+"""The ``train:`` section of a recipe and the DeepSpeed config built from it (overrides: :mod:`graftr.recipe`).
 
 ::
 
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from graftr.configmodel import ConfigModel
 from graftr.data import DataConfig
-from graftr.errors import GraftrError, RecipeError
+from graftr.errors import GraftrError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # DeepSpeed keys graftr sets from the recipe and also reads itself (batching, optimizer, schedule, the ZeRO stage
@@ -215,125 +213,3 @@ def merge_user_config(generated: dict[str, Any], path: str) -> tuple[dict[str, A
         return out
 
     return merge(generated, user, ""), notes
-
-
-# --------------------------------------------------------------------------------------------- overrides
-
-_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=(.*)$", re.DOTALL)
-
-
-def parse_override(text: str) -> tuple[tuple[str | int, ...], Any]:
-    """``"train.max_steps=20"`` → ``(("train", "max_steps"), 20)``; the value is read as a YAML scalar/flow."""
-    m = _OVERRIDE.match(text)
-    if m is None:
-        raise GraftrError(f"override {text!r} is not path.to.field=value (e.g. train.max_steps=20)")
-    path = tuple(int(p) if p.isdigit() else p for p in m.group(1).split("."))
-    try:
-        value = yaml.safe_load(m.group(2)) if m.group(2).strip() else None
-    except yaml.YAMLError as e:
-        raise GraftrError(f"override {text!r}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
-    return path, value
-
-
-def apply_override(data: dict, path: tuple[str | int, ...], value: Any, text: str) -> None:
-    """Set ``data[path] = value``, creating mappings on the way; list items are addressed by index."""
-    node: Any = data
-    for depth, part in enumerate(path[:-1]):
-        where = ".".join(map(str, path[: depth + 1]))
-        if isinstance(node, dict):
-            if not isinstance(node.get(part), (dict, list)):
-                if part in node and node[part] is not None:
-                    raise GraftrError(f"override {text!r}: {where} is {node[part]!r}, not a mapping")
-                node[part] = {}
-            node = node[part]
-        elif isinstance(node, list):
-            if not isinstance(part, int) or not 0 <= part < len(node):
-                raise GraftrError(f"override {text!r}: {where} is not an index of the list "
-                                  f"(it has {len(node)} items)")
-            node = node[part]
-        else:
-            raise GraftrError(f"override {text!r}: {where} cannot be set inside {node!r}")
-    last = path[-1]
-    if isinstance(node, list):
-        if not isinstance(last, int) or not 0 <= last < len(node):
-            raise GraftrError(f"override {text!r}: {last} is not an index of the list (it has {len(node)} items)")
-    elif not isinstance(node, dict):
-        raise GraftrError(f"override {text!r}: cannot set {last} inside {node!r}")
-    node[last] = value
-
-
-def load_recipe_with_overrides(path: str | Path, overrides: list[str]):
-    """Read a recipe, apply ``path.to.field=value`` overrides to its mapping, then validate it.
-
-    Problems are reported like :func:`graftr.recipe.parse_recipe` reports them (one :class:`RecipeError`, one line
-    each): ``file:line: location: message`` for values from the file, ``override X=Y: location: message`` for
-    values an override set.
-    """
-    from graftr import recipe as recipes  # the recipe module imports this one: import at call time
-    from graftr.registry import import_modules
-
-    if not overrides:
-        return recipes.load_recipe(path)
-    source = str(path)
-    root, data = recipes._compose(recipes.read_recipe_text(path), source)
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a mapping with name and rules")
-    applied = []
-    for item in overrides:
-        keys, value = parse_override(item)
-        apply_override(data, keys, value, item)
-        applied.append((keys, item))
-
-    # (line for sorting, origin, location, message); origin is "file:line" or "override KEY=VALUE"
-    problems = [(line, f"{source}:{line}", where, message) for line, where, message in recipes._duplicate_keys(root)]
-    imports = data.get("imports")
-    for i, module in enumerate(imports if isinstance(imports, list) else []):
-        if isinstance(module, str) and re.match(recipes._MODULE_NAME, module):
-            try:
-                import_modules([module], search=recipes._source_dir(source))
-            except GraftrError as e:
-                line, where = recipes._locate(root, ("imports", i))
-                problems.append((line, f"{source}:{line}", where, str(e)))
-    recipe = None
-    try:
-        recipe = recipes.recipe_model().model_validate(data)
-    except ValidationError as e:
-        for error in e.errors():
-            loc = _data_loc(tuple(error["loc"]), data)
-            line, _, message = recipes._problem(root, error)
-            by = next((item for keys, item in reversed(applied) if loc[: len(keys)] == keys), None)
-            if by is not None:  # the value came from an override: the file's line would point elsewhere
-                problems.append((0, f"override {by}", _display(loc), message))
-                continue
-            # a check of the whole mapping (train: offload needs a zero_stage) may fail on values overrides set in it
-            inside = [item for keys, item in applied if keys[: len(loc)] == loc]
-            origin = f"{source}:{line}" + (f" with override {' '.join(inside)}" if inside else "")
-            problems.append((line, origin, _display(loc), message))
-    if problems:
-        raise RecipeError("\n".join(f"{origin}: {where}: {message}" for _, origin, where, message in
-                                    sorted(problems, key=lambda p: p[0])))
-    return recipe
-
-
-def _data_loc(loc: tuple, data: Any) -> tuple:
-    """A pydantic error location as a path into ``data``: the adapter-kind tag a discriminated union adds
-    (``rules.0.adapter.ia3.rank``) is dropped."""
-    out, node = [], data
-    for part in loc:
-        if isinstance(node, dict) and part not in node and node.get("kind") == part:
-            continue
-        out.append(part)
-        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
-    return tuple(out)
-
-
-def _has(node: dict | list, part: Any) -> bool:
-    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
-
-
-def _display(loc: tuple) -> str:
-    """``("rules", 0, "adapter", "rank")`` → ``rules[0].adapter.rank``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out

@@ -1,11 +1,22 @@
-"""The training loop: one flat function that reads top to bottom (nanoGPT's ``train.py`` is the model).
+"""The training loop: named set-up steps, then a flat loop body (torchtune's recipes and nanoGPT are the model).
 
-resolve the model → tokenizer and data → build on ``meta``, trace, graft (adapters exist before DeepSpeed sees the
-model) → load the real weights into the graph → outline the layers (ZeRO-3) → compile (optional) →
-``deepspeed.initialize`` with the trainable parameters only → resume → steps (accumulation, schedule, clipping,
-evaluation, checkpoints) → final evaluation → adapter export (full fp32 tensors, rank 0) → summary.
+:func:`train` reads top to bottom:
 
-Every rank runs this function; only rank 0 prints, records metrics and writes the adapter.
+1. :func:`~graftr.train.distributed.init_distributed` and :func:`setup_device` — the process group, this rank's
+   device, the precision it supports;
+2. :func:`starting_point` — a fresh run or the newest complete checkpoint (``--resume``);
+3. :func:`setup_data` — resolve the model, load its tokenizer, tokenize the train and eval splits;
+4. :func:`setup_model` — build on ``meta``, trace and graft (adapters exist before DeepSpeed sees the model), load
+   the real weights into the graph, outline the layers (ZeRO-3), compile (optional);
+5. :func:`setup_batches` — every rank its shard of a seeded permutation, the schedule's length and warmup;
+6. :func:`setup_engine` — AdamW over the trainable parameters, the lr schedule, ``deepspeed.initialize``;
+7. :func:`restore` — the checkpoint's parameters, optimizer, scheduler, RNG states and running totals;
+8. the loop: per optimizer step, the micro-batches' forward and backward (:func:`accumulate`), a check that the
+   loss is finite, the step, then logging, evaluation (:func:`run_eval`) and checkpoints when due;
+9. the final evaluation, the adapter (full fp32 tensors gathered from ZeRO, rank 0) and the summary
+   (:func:`write_adapter`).
+
+Every rank runs this; only rank 0 prints, records metrics and writes the adapter.
 """
 
 from __future__ import annotations
@@ -14,8 +25,10 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from graftr.errors import GraftrError
 from graftr.loss import IGNORE_INDEX
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from graftr.names import PRECISIONS
+from graftr.train.distributed import gathered_adapter_state, init_distributed
 
 
 class EvalShard(Dataset):
@@ -57,68 +70,79 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _init_distributed():
-    """Join the launcher's process group, or make a group of one for a plain ``graftr train``."""
-    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        from graftr.train.command import _free_port
+# ---- what the set-up steps produce -----------------------------------------------------------------------------
+@dataclass
+class Run:
+    """The run's settings and where this process stands in it."""
 
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # said explicitly, DeepSpeed skips its accelerator probe and warning
-    import deepspeed
+    cfg: Any  # graftr.train.config.TrainConfig
+    out: Path
+    rank: int
+    world: int
+    say: Callable[..., None]  # prints on rank 0 only
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class Data:
+    source: Any  # graftr.models.ModelSource
+    task: str
+    tokenizer: Any
+    train_set: Dataset
+    eval_set: Dataset | None
+    label_names: list[str] | None
+    num_labels: int | None
+
+
+@dataclass
+class Batches:
+    """Which examples each optimizer step takes, and how many steps the run has."""
+
+    sampler: DistributedSampler
+    collate: Callable[[list[dict]], dict]
+    micro_batch_size: int
+    accumulation: int
+    steps_per_epoch: int
+    total: int
+    warmup_steps: int
+    eval_loader: DataLoader | None
+
+
+@dataclass
+class Engine:
+    """DeepSpeed's engine and the client optimizer and scheduler it steps."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch.optim.lr_scheduler.LambdaLR
+    decays: list[float]  # each parameter group's weight decay, as the recipe sets it now
+
+
+@dataclass
+class Progress:
+    """The running totals a checkpoint saves and a resumed run continues from."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best: dict | None = None  # the best evaluation so far: {"step", "loss", ...}
+    last_eval: dict | None = None
+
+
+# ---- set-up steps ----------------------------------------------------------------------------------------------
+def setup_device(cfg, local_rank: int) -> torch.device:
+    """This rank's device and thread count; refuses a precision the device does not support."""
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel("WARNING")  # DeepSpeed's INFO lines would interleave with the progress bar
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               auto_mpi_discovery=False, verbose=False)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if get_accelerator().device_name() == "cpu":
-        _unlink_shm_allreduce_buffer(rank, world)
-    return rank, world, int(os.environ["LOCAL_RANK"])
-
-
-def _unlink_shm_allreduce_buffer(rank: int, world: int) -> None:
-    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
-
-    On CPU, DeepSpeed's process-group set-up creates a 67 MB POSIX shared-memory segment per rank
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it, so every run would leave
-    67 MB per rank of RAM behind in /dev/shm. Unlinking after a barrier keeps the mappings valid for this run.
-    """
-    if world > 1:
-        torch.distributed.barrier()  # every rank has opened every other rank's segment
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: bool, console) -> dict:
-    """Train ``recipe``'s adapters on ``model_id`` with ``data``; write ``out/``. Returns the summary."""
-    rank, world, local_rank = _init_distributed()  # first: it picks DeepSpeed's accelerator before the import
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from graftr.data import Collator, build_datasets
-    from graftr.evaluate import evaluate
-    from graftr.grafted import graft
-    from graftr.io import save_adapter
-    from graftr.materialize import build_empty, materialize, set_graph_device
-    from graftr.models import infer_task, load_tokenizer, resolve
-    from graftr.outline import outline_layers
-    from graftr.train import checkpoint
-    from graftr.train.config import deepspeed_config, lr_factor, merge_user_config, total_steps, warmup
-    from graftr.train.metrics import Recorder, eval_text, progress_bar, summary_table
-
-    cfg = recipe.train
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    t_start = time.perf_counter()
-
-    # ---- processes ------------------------------------------------------------------------------------------
     accelerator = get_accelerator()
-    main = rank == 0
-    say = console.print if main else (lambda *a, **k: None)
     if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # processes on one machine share its cores; each taking all of them would oversubscribe
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
@@ -129,52 +153,69 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     if cfg.precision == "fp16" and not accelerator.is_fp16_supported():
         raise GraftrError(f"train.precision fp16 is not supported on {accelerator.device_name()} "
                           "(DeepSpeed runs fp16 on GPUs); use bf16 or fp32")
-    if not model_id:
-        raise GraftrError("no model given: pass --model (a model directory with weights) or set the recipe's model")
+    return device
 
-    # ---- where this run starts -------------------------------------------------------------------------------
-    start_from = checkpoint.latest(ckpt_dir)
+
+def starting_point(run: Run, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: step 0); refuses to start over an earlier run without ``--resume``."""
+    from graftr.train import checkpoint
+
+    start_from = checkpoint.latest(run.checkpoints)
     if start_from is not None and not resume:
-        raise GraftrError(f"{out} holds checkpoints of an earlier run (newest {start_from.name}); pass --resume to "
-                          "continue it or choose another --out")
+        raise GraftrError(f"{run.out} holds checkpoints of an earlier run (newest {start_from.name}); pass --resume "
+                          "to continue it or choose another --out")
     if resume and start_from is None:
-        say(f"[yellow]note:[/] --resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
-    for note in cfg.notes():
-        say(f"[yellow]note:[/] {note}")
+        run.say(f"[yellow]note:[/] --resume: no complete checkpoint in {run.checkpoints}; starting from step 0")
+    for note in run.cfg.notes():
+        run.say(f"[yellow]note:[/] {note}")
+    return start_from
 
-    # ---- model source, tokenizer, data -------------------------------------------------------------------------
+
+def setup_data(run: Run, recipe, model_id: str, data: str) -> Data:
+    """Resolve the model (weights required), load its tokenizer, tokenize the splits; the classifier's labels."""
+    from graftr.data import build_datasets
+    from graftr.models import infer_task, load_tokenizer, resolve
+
     source = resolve(model_id)
-    say(f"[dim]{source.note}[/]")
+    run.say(f"[dim]{source.note}[/]")
     if source.directory is None:  # a bundled config snapshot or a bare config.json: structure without weights
         raise GraftrError(f"{model_id} resolves to a config only ({source.kind}); training needs the weights: "
                           "pass a model directory with *.safetensors, or a hub id in the local cache")
     task = recipe.task or infer_task(source.config)
     tokenizer = load_tokenizer(source)
-    train_set, eval_set, info = build_datasets(data, cfg.data, tokenizer, task=task, seed=cfg.seed)
+    train_set, eval_set, info = build_datasets(data, run.cfg.data, tokenizer, task=task, seed=run.cfg.seed)
     for note in info.notes:
-        say(f"[yellow]note:[/] {note}")
+        run.say(f"[yellow]note:[/] {note}")
     num_labels = recipe.num_labels
     if task == "seq_cls":
         if num_labels is not None and num_labels != info.num_labels:
             raise GraftrError(f"the recipe says num_labels {num_labels} but {data} has {info.num_labels} labels "
                               f"({', '.join(info.label_names)})")
         num_labels = info.num_labels
-    if cfg.eval_every and eval_set is None:
-        say("[yellow]note:[/] train.eval_every has no effect: the data has no eval split")
+    if run.cfg.eval_every and eval_set is None:
+        run.say("[yellow]note:[/] train.eval_every has no effect: the data has no eval split")
+    return Data(source, task, tokenizer, train_set, eval_set, info.label_names, num_labels)
 
-    # ---- model: trace on meta, graft, load the weights ----------------------------------------------------------
-    dtype = DTYPES[cfg.precision]
+
+def setup_model(run: Run, recipe, data: Data, device: torch.device):
+    """Trace on ``meta``, graft, load the weights into the graph; outline, move and compile as configured."""
+    from graftr.grafted import graft
+    from graftr.materialize import build_empty, materialize, set_graph_device
+    from graftr.outline import outline_layers
+
+    cfg = run.cfg
+    dtype = PRECISIONS[cfg.precision]
     seed_everything(cfg.seed)  # adapter and new-head init: identical on every rank, and run to run
-    gm = graft(build_empty(source.config, task, dtype=dtype, num_labels=num_labels), recipe,
-               model_id=source.model_id)
-    for line in materialize(gm, source.directory, dtype=dtype):  # e.g. "newly initialized: classifier.weight, ..."
-        say(f"[dim]{line}[/]")
-    if info.label_names is not None:  # the saved adapter's manifest carries the class names (eval, inference)
-        gm.hf_config.id2label = dict(enumerate(info.label_names))
-        gm.hf_config.label2id = {name: i for i, name in enumerate(info.label_names)}
+    gm = graft(build_empty(data.source.config, data.task, dtype=dtype, num_labels=data.num_labels), recipe,
+               model_id=data.source.model_id)
+    for line in materialize(gm, data.source.directory, dtype=dtype):  # "newly initialized: classifier.weight, ..."
+        run.say(f"[dim]{line}[/]")
+    if data.label_names is not None:  # the saved adapter's manifest carries the class names (eval, inference)
+        gm.hf_config.id2label = dict(enumerate(data.label_names))
+        gm.hf_config.label2id = {name: i for i, name in enumerate(data.label_names)}
     if cfg.outline():
         outline_layers(gm)  # each layer a submodule: ZeRO-3 gathers and frees one layer at a time
-        say(f"[dim]outlined {len(gm.graftr_outlined)} layers: ZeRO-3 gathers one layer's parameters at a time[/]")
+        run.say(f"[dim]outlined {len(gm.graftr_outlined)} layers: ZeRO-3 gathers one layer's parameters at a time[/]")
     if device.type != "cpu":
         set_graph_device(gm, device)  # materialize() made the graph's device constants CPU
     gm.train()
@@ -182,206 +223,317 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         # compile the generated graph code (the HF-style keyword wrapper around it stays eager); dynamic batch and
         # sequence dims, so varying padded lengths do not recompile. Eval mode compiles once more.
         gm.compile_graph(dynamic=True)
-    trainable_names = {n: list(p.shape) for n, p in gm.named_parameters() if p.requires_grad}
-    n_trainable, n_total = gm.trainable_counts()
+    return gm
 
-    # ---- batches: every rank its own shard of a seeded permutation, re-shuffled each epoch ---------------------------
+
+def setup_batches(run: Run, data: Data, gm) -> Batches:
+    """Every rank its own shard of a seeded permutation, re-shuffled each epoch; the run's length and warmup."""
+    from graftr.data import Collator
+    from graftr.train.config import total_steps, warmup
+
+    cfg, world = run.cfg, run.world
     keep = set(gm.graftr_input_names) | {"labels"}  # tokenizers may add columns the graph does not take
-    collator = Collator(tokenizer)
+    collator = Collator(data.tokenizer)
 
     def collate(examples):
         return {k: v for k, v in collator(examples).items() if k in keep}
 
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler = DistributedSampler(data.train_set, num_replicas=world, rank=run.rank, shuffle=True, seed=cfg.seed)
     mbs, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
     steps_per_epoch = len(sampler) // mbs // accum
     if steps_per_epoch == 0:
-        raise GraftrError(f"the train split has {len(train_set)} examples, fewer than one optimizer step needs "
+        raise GraftrError(f"the train split has {len(data.train_set)} examples, fewer than one optimizer step needs "
                           f"(micro_batch_size {mbs} × gradient_accumulation_steps {accum} × {world} processes)")
     skipped = len(sampler) - steps_per_epoch * accum * mbs
     if skipped:
-        say(f"[yellow]note:[/] the last {skipped * world} examples of each (shuffled) epoch do not fill an optimizer "
-            "step and are skipped")
+        run.say(f"[yellow]note:[/] the last {skipped * world} examples of each (shuffled) epoch do not fill an "
+                "optimizer step and are skipped")
     total = total_steps(cfg, steps_per_epoch)
     warmup_steps = warmup(cfg, total)
     if warmup_steps >= total:
-        say(f"[yellow]note:[/] warmup ({warmup_steps} steps) covers the whole run ({total} steps): lr_schedule "
-            f"{cfg.lr_schedule} never applies")
+        run.say(f"[yellow]note:[/] warmup ({warmup_steps} steps) covers the whole run ({total} steps): lr_schedule "
+                f"{cfg.lr_schedule} never applies")
     eval_loader = None
-    if eval_set is not None:
-        eval_loader = DataLoader(EvalShard(eval_set, rank, world), batch_size=mbs, shuffle=False, collate_fn=collate)
+    if data.eval_set is not None:
+        eval_loader = DataLoader(EvalShard(data.eval_set, run.rank, world), batch_size=mbs, shuffle=False,
+                                 collate_fn=collate)
+    return Batches(sampler, collate, mbs, accum, steps_per_epoch, total, warmup_steps, eval_loader)
 
-    # ---- optimizer, schedule, DeepSpeed ------------------------------------------------------------------------
+
+def setup_engine(run: Run, gm, batches: Batches) -> Engine:
+    """AdamW (no weight decay on vectors) and the lr schedule over the trainable parameters, handed to DeepSpeed."""
+    import deepspeed
+
+    from graftr.train.config import deepspeed_config, lr_factor, merge_user_config
+
+    cfg = run.cfg
     trainable = [p for p in gm.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # vectors: no decay
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    decays = [g["weight_decay"] for g in groups]
     # DeepSpeed steps the scheduler once per optimizer step; step s runs at lr × lr_factor(s)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=warmup_steps, total=total, schedule=cfg.lr_schedule))
-    ds_config = deepspeed_config(cfg, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup_steps=batches.warmup_steps, total=batches.total, schedule=cfg.lr_schedule))
+    ds_config = deepspeed_config(cfg, run.world)
     if cfg.deepspeed_config is not None:
         ds_config, overridden = merge_user_config(ds_config, cfg.deepspeed_config)
         for note in overridden:
-            say(f"[yellow]note:[/] {note}")
+            run.say(f"[yellow]note:[/] {note}")
     engine, _, _, scheduler = deepspeed.initialize(model=gm, optimizer=optimizer, lr_scheduler=scheduler,
                                                    model_parameters=trainable, config=ds_config)
+    return Engine(engine, optimizer, scheduler, [g["weight_decay"] for g in groups])
 
-    # ---- resume ------------------------------------------------------------------------------------------------
-    fingerprint = {"world_size": world, "micro_batch_size": mbs, "gradient_accumulation_steps": accum,
-                   "seed": cfg.seed, "train_examples": len(train_set), "zero_stage": cfg.zero_stage,
-                   "precision": cfg.precision, "trainable": trainable_names}
-    # may differ on resume (a lower lr after a divergence, more steps); the current values are used
-    schedule = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
-                "warmup_steps": warmup_steps, "total_steps": total}
-    step, tokens_seen, train_seconds, best = 0, 0, 0.0, None
-    if main and ckpt_dir.is_dir():
+
+def fingerprint(run: Run, data: Data, batches: Batches, gm) -> dict:
+    """What must not change for a checkpoint to resume exactly: batch geometry, data, seed, trainable tensors."""
+    cfg = run.cfg
+    return {"world_size": run.world, "micro_batch_size": batches.micro_batch_size,
+            "gradient_accumulation_steps": batches.accumulation, "seed": cfg.seed,
+            "train_examples": len(data.train_set), "zero_stage": cfg.zero_stage, "precision": cfg.precision,
+            "trainable": {n: list(p.shape) for n, p in gm.named_parameters() if p.requires_grad}}
+
+
+def schedule_settings(run: Run, batches: Batches) -> dict:
+    """The settings that may differ on resume (a lower lr after a divergence, more steps); the current ones win."""
+    cfg = run.cfg
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
+            "warmup_steps": batches.warmup_steps, "total_steps": batches.total}
+
+
+def restore(run: Run, engine: Engine, batches: Batches, start_from: Path | None, *, fingerprint: dict,
+            schedule: dict) -> Progress:
+    """Remove interrupted saves; load ``start_from`` (parameters, optimizer, scheduler, RNG states, running totals)
+    and apply lr/weight-decay settings changed since it was saved. Returns where the loop starts."""
+    from graftr.train import checkpoint
+    from graftr.train.config import lr_factor
+
+    cfg, ckpt_dir = run.cfg, run.checkpoints
+    progress = Progress()
+    if run.main and ckpt_dir.is_dir():
         for name in checkpoint.remove_incomplete(ckpt_dir):
-            say(f"[yellow]note:[/] removed {ckpt_dir / name}, a checkpoint whose save was interrupted")
-    if resume and start_from is not None:
-        meta = checkpoint.read_meta(start_from)
-        checkpoint.check_fingerprint(start_from, meta["fingerprint"], fingerprint)
-        checkpoint.load(engine, start_from)  # parameters, optimizer, scheduler, this rank's RNG states
-        step, tokens_seen, train_seconds, best = meta["step"], meta["tokens"], meta["train_seconds"], meta["best"]
-        say(f"resumed from {start_from} at step {step}/{total}")
-        changed = {k: (meta["schedule"][k], v) for k, v in schedule.items()
-                   if k in meta.get("schedule", {}) and meta["schedule"][k] != v}
-        if changed:
-            # the loaded optimizer and scheduler states carry the saved lr and weight decay: set the current ones
-            # (the schedule's shape is a function of the current settings already)
-            scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
-            for group, decay in zip(optimizer.param_groups, decays):
-                group["initial_lr"], group["weight_decay"] = cfg.lr, decay
-                group["lr"] = cfg.lr * lr_factor(step, warmup_steps=warmup_steps, total=total,
-                                                 schedule=cfg.lr_schedule)
-            say(f"[yellow]note:[/] settings changed since {start_from.name} ("
+            run.say(f"[yellow]note:[/] removed {ckpt_dir / name}, a checkpoint whose save was interrupted")
+    if start_from is None:
+        return progress
+    meta = checkpoint.read_meta(start_from)
+    checkpoint.check_fingerprint(start_from, meta["fingerprint"], fingerprint)
+    checkpoint.load(engine.engine, start_from)  # parameters, optimizer, scheduler, this rank's RNG states
+    progress = Progress(meta["step"], meta["tokens"], meta["train_seconds"], meta["best"])
+    step = progress.step
+    run.say(f"resumed from {start_from} at step {step}/{batches.total}")
+    changed = {k: (meta["schedule"][k], v) for k, v in schedule.items()
+               if k in meta.get("schedule", {}) and meta["schedule"][k] != v}
+    if changed:
+        # the loaded optimizer and scheduler states carry the saved lr and weight decay: set the current ones
+        # (the schedule's shape is a function of the current settings already)
+        engine.scheduler.base_lrs = [cfg.lr] * len(engine.scheduler.base_lrs)
+        for group, decay in zip(engine.optimizer.param_groups, engine.decays):
+            group["initial_lr"], group["weight_decay"] = cfg.lr, decay
+            group["lr"] = cfg.lr * lr_factor(step, warmup_steps=batches.warmup_steps, total=batches.total,
+                                             schedule=cfg.lr_schedule)
+        run.say(f"[yellow]note:[/] settings changed since {start_from.name} ("
                 + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
                 + f"): steps after {step} use the new ones")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(out, resume_step=step) if main else None
-    is_better = (lambda new, old: new["accuracy"] > old["accuracy"]) if task == "seq_cls" else \
-        (lambda new, old: new["loss"] < old["loss"])
+    return progress
 
-    def run_eval() -> dict:
-        nonlocal best
-        metrics = evaluate(engine, eval_loader, task=task, distributed=world > 1)
-        metrics = {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")}
-        best = {"step": step, **metrics} if best is None or is_better(metrics, best) else best
-        if main:
-            recorder.write({"kind": "eval", "step": step, **metrics})
-        say(f"eval  step {step:>5}  {eval_text(metrics)}")
-        return metrics
 
-    say(f"training [bold]{n_trainable:,}[/] of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%) on "
-        f"{world} process(es), ZeRO-{cfg.zero_stage}, {cfg.precision}: {total} steps of {mbs * accum * world} "
-        f"examples ({steps_per_epoch} steps per epoch), lr {cfg.lr:g} {cfg.lr_schedule}, warmup {warmup_steps}")
+# ---- the loop's parts ------------------------------------------------------------------------------------------
+def epoch_batches(data: Data, batches: Batches, step: int):
+    """The micro-batches of ``step``'s epoch from ``step`` on (a resumed run starts mid-epoch)."""
+    epoch, offset = divmod(step, batches.steps_per_epoch)
+    batches.sampler.set_epoch(epoch)  # the epoch's permutation depends on (seed, epoch) only
+    order = list(batches.sampler)
+    mbs, accum = batches.micro_batch_size, batches.accumulation
+    micro = [order[i * mbs:(i + 1) * mbs] for i in range(batches.steps_per_epoch * accum)]
+    # a private generator: creating the loader must not draw from the global RNG (dropout uses it), or a resumed
+    # run, which creates it mid-epoch, would see other dropout masks than an uninterrupted one
+    return iter(DataLoader(data.train_set, batch_sampler=micro[offset * accum:], collate_fn=batches.collate,
+                           generator=torch.Generator()))
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
-    last_eval: dict | None = None
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}  # since the last log line
-    progress = progress_bar(console) if main else None
-    if progress is not None:
-        progress.start()
-        bar = progress.add_task("train", total=total, completed=step, loss="-", lr="-", speed="-")
-    try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)  # the epoch's permutation depends on (seed, epoch) only
-            order = list(sampler)
-            batches = [order[i * mbs:(i + 1) * mbs] for i in range(steps_per_epoch * accum)]
-            # a private generator: creating the loader must not draw from the global RNG (dropout uses it), or a
-            # resumed run, which creates it mid-epoch, would see other dropout masks than an uninterrupted one
-            loader = iter(DataLoader(train_set, batch_sampler=batches[offset * accum:], collate_fn=collate,
-                                     generator=torch.Generator()))
-            for _ in range(offset, steps_per_epoch):
-                if step >= total:
-                    break
-                t_step = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]  # the lr this step runs at
-                # loss sum over micro-batches, micro-batches, tokens, non-finite losses (summed over ranks below)
-                stats = torch.zeros(4, dtype=torch.float64, device=device)
-                for micro in range(accum):
-                    batch = {k: v.to(device) for k, v in next(loader).items()}
-                    loss = engine(**batch).loss
-                    engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces gradients at the boundary
-                    stats += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                                          batch["attention_mask"].sum().double(),
-                                          (~torch.isfinite(loss.detach())).double()])
-                    if micro < accum - 1:
-                        engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-                dist.all_reduce(stats)  # every rank decides the same way below
-                if stats[3] > 0:  # never apply a step computed from a non-finite loss
-                    last = checkpoint.latest(ckpt_dir)
-                    # the run is deterministic: resumed unchanged from that checkpoint, it computes this loss again
-                    kept = (f"the newest checkpoint is {last}; to continue, --resume with a lower train.lr (or delete "
-                            "it to resume from an older one)" if last else
-                            "no checkpoint was saved before it" + (" (save_every is 0)" if not cfg.save_every else ""))
-                    raise GraftrError(f"non-finite loss ({stats[0].item() / stats[1].item()}) at step {step + 1}: "
-                                      f"training stopped, nothing after step {step} was applied; {kept}")
-                engine.step()  # the boundary: clip, optimizer step, scheduler step, zero the gradients
-                step += 1
-                tokens_seen += int(stats[2].item())
-                train_seconds += time.perf_counter() - t_step
-                window["loss"] += stats[0].item() / stats[1].item()
-                window["steps"] += 1
-                window["tokens"] += int(stats[2].item())
-                if progress is not None:
-                    progress.update(bar, completed=step, loss=f"{stats[0].item() / stats[1].item():.4f}",
-                                    lr=f"{lr:.2e}", speed=f"{tokens_seen / max(train_seconds, 1e-9):,.0f}")
-                if step % cfg.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - window["start"]
-                    grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 without clipping statistics
-                    record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                              "loss": window["loss"] / window["steps"], "lr": lr,
-                              "grad_norm": None if grad_norm is None else float(grad_norm),
-                              "tokens": tokens_seen, "tokens_per_s": window["tokens"] / elapsed,
-                              "elapsed_s": time.perf_counter() - t_start}
-                    if main:
-                        recorder.write(record)
-                    say(f"train step {step:>5}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                        f"{record['tokens_per_s']:,.0f} tok/s")
-                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
-                if eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                    last_eval = {"step": step, **run_eval()}
-                if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-                    path = checkpoint.save(engine, ckpt_dir, step, {
-                        "fingerprint": fingerprint, "schedule": schedule, "tokens": tokens_seen,
-                        "train_seconds": train_seconds, "best": best}, keep=cfg.keep_checkpoints)
-                    say(f"[dim]saved {path}[/]")
-        if progress is not None:
-            progress.stop()
-        # ---- final evaluation ----------------------------------------------------------------------------------
-        if eval_loader is not None and (last_eval is None or last_eval["step"] != step):
-            last_eval = {"step": step, **run_eval()}
-    finally:
-        if progress is not None:
-            progress.stop()
-        if recorder is not None:
-            recorder.close()
 
-    # ---- adapter export, summary ---------------------------------------------------------------------------------
-    # full fp32 tensors: the optimizer's master copy, gathered from the ZeRO partitions (a collective: all ranks)
-    from graftr.train.precision import full_fp32
+def accumulate(engine, loader, accumulation: int, device: torch.device) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches. Returns this rank's (loss sum over
+    micro-batches, micro-batches, tokens, non-finite losses)."""
+    stats = torch.zeros(4, dtype=torch.float64, device=device)
+    for micro in range(accumulation):
+        batch = {k: v.to(device) for k, v in next(loader).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces gradients at the boundary
+        stats += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
+                              batch["attention_mask"].sum().double(), (~torch.isfinite(loss.detach())).double()])
+        if micro < accumulation - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    return stats
 
-    names = [n for n, p in gm.named_parameters() if p.requires_grad]
-    tensors = dict(zip(names, full_fp32(engine, [gm.get_parameter(n) for n in names])))
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "epochs": step / steps_per_epoch, "final_eval": last_eval, "best_eval": best,
-               "train_seconds": train_seconds, "elapsed_seconds": elapsed,
-               "tokens_per_s": tokens_seen / max(train_seconds, 1e-9), "trainable_params": n_trainable,
-               "total_params": n_total, "world_size": world, "adapter": str(out / "adapter")}
-    if main:
-        save_adapter(gm, out / "adapter", tensors=tensors, extra={"training": summary})
+
+def non_finite_loss(run: Run, stats: torch.Tensor, step: int) -> GraftrError:
+    """The error that stops a run whose step computed a non-finite loss (nothing of it is applied)."""
+    from graftr.train import checkpoint
+
+    last = checkpoint.latest(run.checkpoints)
+    # the run is deterministic: resumed unchanged from that checkpoint, it computes this loss again
+    kept = (f"the newest checkpoint is {last}; to continue, --resume with a lower train.lr (or delete it to resume "
+            "from an older one)" if last else
+            "no checkpoint was saved before it" + (" (save_every is 0)" if not run.cfg.save_every else ""))
+    return GraftrError(f"non-finite loss ({stats[0].item() / stats[1].item()}) at step {step + 1}: training stopped, "
+                       f"nothing after step {step} was applied; {kept}")
+
+
+class Window:
+    """Mean loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def record(self, run: Run, engine, progress: Progress, batches: Batches, lr: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 without clipping statistics
+        return {"kind": "train", "step": progress.step, "epoch": progress.step / batches.steps_per_epoch,
+                "loss": self.loss / self.steps, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens": progress.tokens, "tokens_per_s": self.tokens / elapsed,
+                "elapsed_s": time.perf_counter() - run.started}
+
+
+def run_eval(run: Run, engine, batches: Batches, progress: Progress, task: str, recorder) -> dict:
+    """Evaluate on every rank's eval shard; record the numbers and keep the best. Returns ``{"step", ...}``."""
+    from graftr.evaluate import evaluate
+    from graftr.train.metrics import eval_text
+
+    metrics = evaluate(engine, batches.eval_loader, task=task, distributed=run.world > 1)
+    metrics = {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")}
+    best = progress.best
+    better = (best is None or (metrics["accuracy"] > best["accuracy"] if task == "seq_cls"
+                               else metrics["loss"] < best["loss"]))
+    if better:
+        progress.best = {"step": progress.step, **metrics}
+    if recorder is not None:
+        recorder.write({"kind": "eval", "step": progress.step, **metrics})
+    run.say(f"eval  step {progress.step:>5}  {eval_text(metrics)}")
+    progress.last_eval = {"step": progress.step, **metrics}
+    return progress.last_eval
+
+
+def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Batches, counts: tuple[int, int],
+                  console) -> dict:
+    """Gather the full fp32 adapter tensors (a collective: all ranks), write the adapter with the run's summary
+    (rank 0) and print it; ``counts`` are the trainable and all parameters. Returns the summary."""
+    from graftr.formats.graftr import save_adapter
+    from graftr.train.metrics import eval_text, summary_table
+
+    # full fp32 tensors: the optimizer's master copies (graftr.train.precision), gathered from the ZeRO partitions
+    tensors = gathered_adapter_state(gm, masters_of=engine)
+    n_trainable, n_total = counts
+    elapsed = time.perf_counter() - run.started
+    step, best, last_eval = progress.step, progress.best, progress.last_eval
+    summary = {"steps": step, "epochs": step / batches.steps_per_epoch, "final_eval": last_eval, "best_eval": best,
+               "train_seconds": progress.train_seconds, "elapsed_seconds": elapsed,
+               "tokens_per_s": progress.tokens / max(progress.train_seconds, 1e-9), "trainable_params": n_trainable,
+               "total_params": n_total, "world_size": run.world, "adapter": str(run.out / "adapter")}
+    if run.main:
+        save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary})
         rows = [("steps", f"{step} ({summary['epochs']:.2f} epochs)"),
                 ("final eval", eval_text(last_eval) if last_eval else "no eval split"),
                 ("best eval", f"{eval_text(best)} (step {best['step']})" if best else "-"),
-                ("time", f"{train_seconds:.1f} s training, {elapsed:.1f} s total"),
+                ("time", f"{progress.train_seconds:.1f} s training, {elapsed:.1f} s total"),
                 ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
                 ("trainable params", f"{n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)"),
-                ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl"))]
-        console.print(summary_table(rows, f"{recipe.name}: trained on {world} process(es)"))
+                ("adapter", str(run.out / "adapter")), ("metrics", str(run.out / "metrics.jsonl"))]
+        console.print(summary_table(rows, f"{recipe.name}: trained on {run.world} process(es)"))
+    return summary
+
+
+# ---- the whole run ---------------------------------------------------------------------------------------------
+def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: bool, console) -> dict:
+    """Train ``recipe``'s adapters on ``model_id`` with ``data``; write ``out/``. Returns the summary."""
+    rank, world, local_rank = init_distributed()  # first: it picks DeepSpeed's accelerator before the import
+    import torch.distributed as dist
+
+    from graftr.train import checkpoint
+    from graftr.train.metrics import Recorder, progress_bar
+
+    say = console.print if rank == 0 else (lambda *a, **k: None)
+    run = Run(recipe.train, Path(out), rank, world, say)
+    cfg = run.cfg
+    device = setup_device(cfg, local_rank)
+    if not model_id:
+        raise GraftrError("no model given: pass --model (a model directory with weights) or set the recipe's model")
+    start_from = starting_point(run, resume)
+    data = setup_data(run, recipe, model_id, data)
+    gm = setup_model(run, recipe, data, device)
+    counts = gm.trainable_counts()  # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
+    batches = setup_batches(run, data, gm)
+    resumed = fingerprint(run, data, batches, gm)
+    ds = setup_engine(run, gm, batches)
+    engine = ds.engine
+    schedule = schedule_settings(run, batches)
+    progress = restore(run, ds, batches, start_from, fingerprint=resumed, schedule=schedule)
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder(run.out, resume_step=progress.step) if run.main else None
+    n_trainable, n_total = counts
+    mbs, accum, total = batches.micro_batch_size, batches.accumulation, batches.total
+    say(f"training [bold]{n_trainable:,}[/] of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%) on "
+        f"{world} process(es), ZeRO-{cfg.zero_stage}, {cfg.precision}: {total} steps of {mbs * accum * world} "
+        f"examples ({batches.steps_per_epoch} steps per epoch), lr {cfg.lr:g} {cfg.lr_schedule}, "
+        f"warmup {batches.warmup_steps}")
+
+    window = Window()
+    bar = progress_bar(console) if run.main else None
+    if bar is not None:
+        bar.start()
+        task_id = bar.add_task("train", total=total, completed=progress.step, loss="-", lr="-", speed="-")
+    try:
+        while progress.step < total:
+            loader = epoch_batches(data, batches, progress.step)
+            for _ in range(progress.step % batches.steps_per_epoch, batches.steps_per_epoch):
+                if progress.step >= total:
+                    break
+                t_step = time.perf_counter()
+                lr = ds.optimizer.param_groups[0]["lr"]  # the lr this step runs at
+                stats = accumulate(engine, loader, accum, device)
+                dist.all_reduce(stats)  # every rank decides the same way below
+                if stats[3] > 0:  # never apply a step computed from a non-finite loss
+                    raise non_finite_loss(run, stats, progress.step)
+                engine.step()  # the boundary: clip, optimizer step, scheduler step, zero the gradients
+                loss, tokens = stats[0].item() / stats[1].item(), int(stats[2].item())
+                progress.step += 1
+                progress.tokens += tokens
+                progress.train_seconds += time.perf_counter() - t_step
+                window.add(loss, tokens)
+                step = progress.step
+                if bar is not None:
+                    bar.update(task_id, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                               speed=f"{progress.tokens / max(progress.train_seconds, 1e-9):,.0f}")
+                if step % cfg.log_every == 0 or step == total:
+                    record = window.record(run, engine, progress, batches, lr)
+                    if recorder is not None:
+                        recorder.write(record)
+                    say(f"train step {step:>5}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                        f"{record['tokens_per_s']:,.0f} tok/s")
+                    window = Window()
+                if batches.eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval(run, engine, batches, progress, data.task, recorder)
+                if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+                    path = checkpoint.save(engine, run.checkpoints, step, {
+                        "fingerprint": resumed, "schedule": schedule, "tokens": progress.tokens,
+                        "train_seconds": progress.train_seconds, "best": progress.best}, keep=cfg.keep_checkpoints)
+                    say(f"[dim]saved {path}[/]")
+        if bar is not None:
+            bar.stop()
+        if batches.eval_loader is not None and (progress.last_eval is None
+                                                 or progress.last_eval["step"] != progress.step):
+            run_eval(run, engine, batches, progress, data.task, recorder)  # the final evaluation
+    finally:
+        if bar is not None:
+            bar.stop()
+        if recorder is not None:
+            recorder.close()
+
+    summary = write_adapter(run, recipe, gm, engine, progress, batches, counts, console)
     dist.barrier()  # no rank leaves before the adapter is written
     return summary

@@ -1,16 +1,16 @@
-"""Exporting: write an adapter in the other format, graftr's or Hugging Face PEFT's.
+"""``graftr export``: write an adapter in the other format, graftr's or Hugging Face PEFT's.
 
 ``graftr export ADAPTER --out DIR`` builds the base model's structure on the meta device (no weight is read: an
 adapter's tensors are all an export needs), grafts the adapter onto it, loads its tensors (so every written tensor is
 real data, and every tensor must have found its parameter), and writes the other format atomically:
 
 * a **graftr adapter** (``manifest.json``, ``recipe.yaml``, ``adapter.safetensors``) → PEFT's
-  ``adapter_config.json`` + ``adapter_model.safetensors`` with :func:`graftr.peft_format.export_peft`;
+  ``adapter_config.json`` + ``adapter_model.safetensors`` with :func:`graftr.formats.peft.export_peft`;
 * a **PEFT adapter** (``adapter_config.json``, no manifest) → a graftr adapter, imported with
-  :func:`graftr.peft_format.import_peft` (InA's ``lora_inhibition`` honoured) and saved with
-  :func:`graftr.io.save_adapter`. This checks a published adapter against a base without downloading its weights.
+  :func:`graftr.formats.peft.import_peft` (InA's ``lora_inhibition`` honoured) and saved with
+  :func:`graftr.formats.graftr.save_adapter`. This checks a published adapter against a base without downloading its weights.
 
-What maps (see :mod:`graftr.peft_format`):
+What maps (see :mod:`graftr.formats.peft`):
 
 * ``ina`` ↔ ``LORA`` with ``lora_inhibition`` (InA's published format; stock PEFT ignores that field and runs plain
   LoRA, so an adapter with inhibition > 0 must be loaded with graftr to run as trained: a note says so);
@@ -36,7 +36,7 @@ FORMATS = ("peft", "graftr")
 def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
     """The adapter (graftr's or PEFT's) grafted onto its base built on the meta device, its tensors loaded: a
     ``GraftedModel`` whose ``model_id`` is the base used (``model_arg``, else the adapter's recorded base)."""
-    from graftr.inference import graft_adapter, resolve_base
+    from graftr.load import graft_adapter, resolve_base
     from graftr.models import build_model
 
     base = resolve_base(model_arg, adapter, weights=False, console=console)
@@ -59,37 +59,37 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from graftr.cli import out
-    from graftr.peft_format import peft_adapter_config
+    from graftr.console import console
+    from graftr.formats import is_peft
 
     path = Path(args.adapter)
-    source_format = "peft" if path.is_dir() and peft_adapter_config(path) is not None else "graftr"
+    source_format = "peft" if path.is_dir() and is_peft(path) else "graftr"
     target = args.format or ("graftr" if source_format == "peft" else "peft")
     if target == source_format:
         what = ("a PEFT adapter (adapter_config.json, no manifest.json)" if source_format == "peft"
                 else "a graftr adapter")
         raise GraftrError(f"{args.adapter} is already {what}; there is nothing to export to --format {target}")
-    gm = load_on_structure(args.adapter, args.model, console=out)
+    gm = load_on_structure(args.adapter, args.model, console=console)
     sites = sum(len(plan.sites) for plan in gm.plans)
     kinds = ", ".join(sorted({plan.rule.adapter.kind for plan in gm.plans}))
     if target == "graftr":
-        from graftr.io import save_adapter
+        from graftr.formats.graftr import save_adapter
 
         save_adapter(gm, Path(args.out))
         adapter = gm.plans[0].rule.adapter
         options = ", ".join(f"{k} {v}" for k, v in adapter.model_dump(exclude={"kind"}).items())
         head = ", ".join(gm.recipe.trainable_modules)
-        out.print(f"wrote a graftr adapter ({kinds} on {sites} modules: {options}"
+        console.print(f"wrote a graftr adapter ({kinds} on {sites} modules: {options}"
                   f"{'; trained modules ' + head if head else ''}; {len(gm.adapter_state_dict())} tensors, base "
                   f"{gm.model_id}) to {args.out}")
         return 0
-    from graftr.peft_format import export_peft
+    from graftr.formats.peft import export_peft
 
     export_peft(gm, Path(args.out))
     config = json.loads((Path(args.out) / "adapter_config.json").read_text())
-    out.print(f"wrote a PEFT {config['peft_type']} adapter ({kinds} on {sites} modules, base "
+    console.print(f"wrote a PEFT {config['peft_type']} adapter ({kinds} on {sites} modules, base "
               f"{config['base_model_name_or_path']}) to {args.out}")
     if config.get("lora_inhibition"):
-        out.print(f"[yellow]note:[/] lora_inhibition {config['lora_inhibition']}: stock PEFT ignores this field and "
+        console.print(f"[yellow]note:[/] lora_inhibition {config['lora_inhibition']}: stock PEFT ignores this field and "
                   "would run plain LoRA; load the adapter with graftr (import_peft, or --adapter) to run InA")
     return 0

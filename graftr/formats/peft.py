@@ -31,13 +31,15 @@ from safetensors.torch import load_file, save_file
 
 from graftr.errors import AdapterLoadError, GraftrError
 from graftr.grafted import GraftedModel, graft, prepare
-from graftr.io import MANIFEST, load_state_into, write_dir_atomically
+from graftr.formats.files import check_fit, read_json_object, real_tensors, write_dir_atomically
+from graftr.formats.graftr import MANIFEST, load_state_into
+from graftr.names import CLASSIFICATION_TASKS
 from graftr.registry import get_kind
 
 CONFIG, WEIGHTS, PICKLED_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
-TASKS = {peft: task for task, peft in TASK_TYPES.items()}  # PEFT task_type → graftr task
+FROM_TASK_TYPE = {peft: task for task, peft in TASK_TYPES.items()}  # PEFT task_type → graftr task
 _HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")  # PEFT adds the head ("classifier"/"score") to modules_to_save for these
 _HEAD_NAMES = ("classifier", "score")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+\.")  # `classifier.modules_to_save.default.weight`
@@ -125,13 +127,7 @@ def peft_adapters(config: dict) -> list[dict]:
 def _read_config(path: Path) -> dict:
     if not (path / CONFIG).is_file():
         raise AdapterLoadError(f"{path} is not a PEFT adapter directory (no {CONFIG})")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterLoadError(f"{path / CONFIG} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"{path / CONFIG} must hold a JSON object")
-    return config
+    return read_json_object(path / CONFIG)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -199,7 +195,7 @@ def _prepare_for_import(model, config: dict) -> tuple[GraftedModel, list[str]]:
     """The prepared base (task from ``task_type``, id from ``base_model_name_or_path``) and its modules_to_save."""
     model_id = config.get("base_model_name_or_path")
     gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id,
-                                                               task=TASKS.get(config.get("task_type")))
+                                                               task=FROM_TASK_TYPE.get(config.get("task_type")))
     return gm, _modules_to_save(config, [n for n, _ in gm.named_modules() if n])
 
 
@@ -209,7 +205,7 @@ def _recipe_data(gm: GraftedModel, config: dict, where: str, saved: list[str], r
         "description": f"imported from the PEFT adapter {where}",
         "model": config.get("base_model_name_or_path"),
         "task": gm.task,
-        "num_labels": gm.hf_config.num_labels if gm.task in ("seq_cls", "token_cls") else None,
+        "num_labels": gm.hf_config.num_labels if gm.task in CLASSIFICATION_TASKS else None,
         "trainable_modules": saved,
         "rules": rules,
     }
@@ -315,30 +311,16 @@ def _checked_tensors(gm: GraftedModel, tensors: dict, peft_key_of: dict[str, str
         by_key[plain] = key
     expected = {key: name for name, key in peft_key_of.items()}
     params = gm.adapter_state_dict()
-    want = {key: tuple((peft_shapes or {}).get(name, params[name].shape)) for key, name in expected.items()}
-    problems = []
-    for label, items in (
-        ("missing", sorted(set(expected) - set(by_key))),
-        ("unexpected", sorted(by_key[k] for k in set(by_key) - set(expected))),
-        ("wrong shape", [f"{by_key[k]} {tuple(tensors[by_key[k]].shape)} vs {want[k]}"
-                         for k in sorted(set(by_key) & set(expected)) if tuple(tensors[by_key[k]].shape) != want[k]]),
-    ):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise AdapterLoadError(f"{where} does not fit {gm.hf_class}: " + "; ".join(problems))
+    want = {key: tuple((peft_shapes or {}).get(expected[key], params[expected[key]].shape)) for key in sorted(expected)}
+    check_fit(want, {k: tensors[key].shape for k, key in by_key.items()}, where=where, target=gm.hf_class,
+              shown=by_key)
     return {name: tensors[by_key[key]].reshape(params[name].shape) for key, name in expected.items()}
 
 
 def _real_state(gm: GraftedModel) -> dict[str, torch.Tensor]:
     """The trainable tensors to export, refusing any without data."""
-    state = gm.adapter_state_dict()
-    on_meta = [n for n, t in state.items() if t.is_meta]
-    if on_meta:
-        raise GraftrError(f"cannot export {on_meta[0]}: it has no data (the base was built on the meta device); "
-                          "load real weights or an adapter first")
-    return {n: t.detach().to("cpu").contiguous() for n, t in state.items()}
+    return real_tensors(gm.adapter_state_dict(), lambda name: f"cannot export {name}: it has no data (the base was "
+                        "built on the meta device); load real weights or an adapter first")
 
 
 def _one_adapter_per_site(gm: GraftedModel, what: str) -> list:

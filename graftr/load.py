@@ -1,10 +1,10 @@
-"""Loading a base model with its real weights and, optionally, a trained adapter: what merge, generate and eval share.
+"""Loading a base model and an adapter for the commands that use a trained one (merge, generate, eval, export).
 
 The adapter is checked against the base's config before any weight is read, so a mismatched base fails fast with
 the fields that differ; a model given only as a config (a bundled snapshot, a config.json) is refused because
 these commands compute with the weights. ``--adapter`` may also be a PEFT adapter directory (an
 ``adapter_config.json`` and no graftr ``manifest.json``: LoRA/InA, IA3 or AdaptionPrompt), imported with
-:func:`graftr.peft_format.import_peft`; its base defaults to the config's ``base_model_name_or_path``.
+:func:`graftr.formats.peft.import_peft`; its base defaults to the config's ``base_model_name_or_path``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from graftr.errors import AdapterLoadError, GraftrError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from graftr.names import CLASSIFICATION_TASKS, DTYPES
 
 @dataclass
 class Loaded:
@@ -53,9 +51,9 @@ class Base:
 def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, console=None) -> Base:
     """Resolve the base (``model_arg``, else the adapter's recorded base) and check the adapter against its config.
     ``weights`` says whether the caller will read the base's weights (only the hint of a missing ``--model``)."""
-    from graftr.io import RECIPE, check_made_for, read_manifest
+    from graftr.formats.graftr import RECIPE, check_made_for, read_manifest
+    from graftr.formats.peft import FROM_TASK_TYPE, peft_adapter_config, peft_num_labels
     from graftr.models import infer_task, resolve
-    from graftr.peft_format import TASKS, peft_adapter_config, peft_num_labels
     from graftr.recipe import load_recipe
 
     manifest = recipe = peft = None
@@ -82,7 +80,7 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
     if manifest is not None:  # before reading any weight
         check_made_for(manifest, source.config, adapter, model_id)
     task = ((recipe.task if recipe else None) or (manifest or {}).get("task")
-            or TASKS.get((peft or {}).get("task_type")) or infer_task(source.config))
+            or FROM_TASK_TYPE.get((peft or {}).get("task_type")) or infer_task(source.config))
     labels = _trained_labels(manifest, task)
     num_labels = ((recipe.num_labels if recipe else None) or (len(labels) if labels else None)
                   or (peft_num_labels(adapter, peft) if peft is not None else None))
@@ -92,10 +90,9 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
 def graft_adapter(model: nn.Module, adapter: str, base: Base):
     """``model`` (the base, on the meta device or with weights) with the adapter in ``adapter`` grafted and its
     tensors loaded: a ``GraftedModel`` whose ``model_id`` is the base used."""
-    from graftr.io import load_adapter
-    from graftr.peft_format import import_peft
+    from graftr.formats import load_adapter
 
-    gm = import_peft(model, adapter) if base.peft is not None else load_adapter(model, adapter)
+    gm = load_adapter(model, adapter, peft=base.peft is not None)
     gm.model_id = base.source.model_id
     return gm
 
@@ -126,7 +123,7 @@ def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | N
 
 def _trained_labels(manifest: dict | None, task: str) -> list[str] | None:
     """The label names in the config the adapter was trained on (classification heads only)."""
-    if manifest is None or task not in ("seq_cls", "token_cls"):
+    if manifest is None or task not in CLASSIFICATION_TASKS:
         return None
     id2label = (manifest.get("base_config") or {}).get("id2label") or {}
     return [id2label[k] for k in sorted(id2label, key=int)] if id2label else None

@@ -1,4 +1,4 @@
-"""Saving and loading adapters.
+"""graftr's adapter format: saving and loading adapter directories.
 
 An adapter directory holds three files, written atomically (a temporary sibling directory renamed into place, so
 a crash never leaves a half-written adapter and never destroys the previous one):
@@ -12,9 +12,6 @@ a crash never leaves a half-written adapter and never destroys the previous one)
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graftr.errors import AdapterLoadError, GraftrError
+from graftr.formats.files import check_fit, read_json_object, real_tensors, write_dir_atomically
 
 FORMAT = "graftr-adapter"
 FORMAT_VERSION = 1
@@ -33,31 +31,6 @@ _STRUCTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_atte
 
 def _versions() -> dict[str, str]:
     return {pkg: version(pkg) for pkg in ("graftr", "torch", "transformers")}
-
-
-def write_dir_atomically(out: Path, write, *, marker: str = MANIFEST) -> None:
-    """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``out``, replacing ``out`` only if it holds ``marker``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise GraftrError(f"{out} exists and is not a graftr output directory; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -76,11 +49,8 @@ def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, t
             raise GraftrError(f"the tensors to save are not the model's trainable tensors "
                               f"({len(tensors)} given, {len(state)} trainable)")
         state = tensors
-    on_meta = [n for n, t in state.items() if t.is_meta]
-    if on_meta:
-        raise GraftrError(f"cannot save {on_meta[0]}: the base model was built without weights; load real weights "
-                          "to save trainable base modules")
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in state.items()}
+    tensors = real_tensors(state, lambda name: f"cannot save {name}: the base model was built without weights; "
+                           "load real weights to save trainable base modules")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
         "base_model": gm.model_id, "base_class": gm.hf_class, "task": gm.task,
@@ -94,7 +64,7 @@ def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, t
         (tmp / RECIPE).write_text(dump_recipe(gm.recipe))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
-    write_dir_atomically(Path(out_dir), write)
+    write_dir_atomically(Path(out_dir), write, marker=MANIFEST)
     return Path(out_dir)
 
 
@@ -102,10 +72,7 @@ def read_manifest(path) -> dict:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise AdapterLoadError(f"{path} is not a graftr adapter directory (no {MANIFEST})")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterLoadError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    manifest = read_json_object(path / MANIFEST)
     if manifest.get("format") != FORMAT:
         raise AdapterLoadError(f"{path / MANIFEST} is not a graftr adapter manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
@@ -136,49 +103,28 @@ def check_made_for(manifest: dict, config, where: str, model_id: str) -> None:
 
 def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``tensors`` into ``gm``'s trainable parameters; every one must be present with the right shape."""
+    from graftr.materialize import replace_parameter
+
     expected = gm.adapter_state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    shapes = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in expected.items()
-              if n in tensors and tuple(tensors[n].shape) != tuple(p.shape)]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise AdapterLoadError(f"{where} does not fit the model: " + "; ".join(problems))
+    check_fit({n: p.shape for n, p in expected.items()}, {n: t.shape for n, t in tensors.items()}, where=where,
+              target="the model")
     with torch.no_grad():
         for name, param in expected.items():
             src = tensors[name]
             if param.is_meta:
-                _materialize(gm, param, src.to(param.dtype))
+                replace_parameter(gm, param, src.to(param.dtype))
             else:
                 param.copy_(src.to(dtype=param.dtype, device=param.device))
 
 
-def _materialize(gm, param, value: torch.Tensor) -> None:
-    """Replace a meta parameter by a real one under every name it is registered as (``param.data = value`` refuses
-    meta → cpu, and tracing leaves weak references that forbid ``torch.utils.swap_tensors``)."""
-    new = torch.nn.Parameter(value, requires_grad=param.requires_grad)
-    for name, p in list(gm.named_parameters(remove_duplicate=False)):
-        if p is param:
-            owner, _, attr = name.rpartition(".")
-            gm.get_submodule(owner)._parameters[attr] = new
-
-
 def load_adapter(model, path):
-    """Graft ``model`` with the adapter's recipe and load its tensors. Returns the :class:`GraftedModel`.
+    """Graft ``model`` with the graftr adapter's recipe and load its tensors. Returns the :class:`GraftedModel`.
 
-    ``path`` is a graftr adapter directory, or an HF PEFT adapter directory (``adapter_config.json``, no manifest),
-    which :func:`graftr.peft_format.import_peft` translates."""
+    (:func:`graftr.load_adapter` also takes PEFT adapter directories: see :mod:`graftr.formats`.)"""
     from graftr.grafted import GraftedModel, graft
-    from graftr.peft_format import import_peft, peft_adapter_config
     from graftr.recipe import load_recipe
 
     path = Path(path)
-    if peft_adapter_config(path) is not None:
-        return import_peft(model, path)
     manifest = read_manifest(path)
     for f in (TENSORS, RECIPE):
         if not (path / f).is_file():

@@ -1,0 +1,40 @@
+"""Adapter formats on disk: graftr's own and Hugging Face PEFT's, and the ``graftr export`` command between them.
+
+* :mod:`graftr.formats.graftr` — a graftr adapter directory: ``adapter.safetensors``, the resolved ``recipe.yaml``,
+  ``manifest.json`` (versions, base model, tensor list); :func:`save_adapter`, :func:`read_manifest`.
+* :mod:`graftr.formats.peft` — PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, read into a grafted
+  model (:func:`~graftr.formats.peft.import_peft`) and written from one (:func:`~graftr.formats.peft.export_peft`).
+* :mod:`graftr.formats.files` — what both share: atomic directory and file writers, the JSON reader, the report of
+  tensors that do not fit a model.
+* :mod:`graftr.formats.command` — ``graftr export``.
+
+:func:`load_adapter` is the one place that tells the two formats apart when reading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from graftr.formats.graftr import save_adapter
+
+__all__ = ["is_peft", "load_adapter", "save_adapter"]
+
+
+def is_peft(path) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (an ``adapter_config.json`` and no graftr ``manifest.json``)."""
+    from graftr.formats.peft import peft_adapter_config
+
+    return peft_adapter_config(Path(path)) is not None
+
+
+def load_adapter(model, path, *, peft: bool | None = None):
+    """Graft ``model`` with the adapter in ``path`` and load its tensors; returns the :class:`GraftedModel`.
+
+    ``path`` is a graftr adapter directory, or an HF PEFT adapter directory, which
+    :func:`graftr.formats.peft.import_peft` translates. ``peft`` says which, when the caller has read it already."""
+    from graftr.formats import graftr as native
+    from graftr.formats.peft import import_peft
+
+    if peft is None:
+        peft = is_peft(path)
+    return import_peft(model, path) if peft else native.load_adapter(model, path)
