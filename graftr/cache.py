@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from graftr.errors import GraftrError
+from graftr.passbase import GraphPass, PassResult, run_passes
 from graftr.trace import SDPA
 
 # Decoder families whose attention mask is "causal + key padding (+ sliding window)", whose positions all come from
@@ -91,17 +92,31 @@ class CachedSDPA(SDPA):
 
 
 def enable_kv_cache(gm) -> None:
-    """Swap ``gm``'s SDPA modules for :class:`CachedSDPA` (in place, idempotent); raises if the cache cannot apply."""
-    reason = kv_cache_support(gm)
-    if reason is not None:
-        raise CacheUnsupported(f"no KV cache for {gm.hf_class}: {reason}")
-    for site in gm.site_index.attention:
-        module = gm.get_submodule(site.node.target)
-        if isinstance(module, CachedSDPA):
-            continue
-        parent, _, name = site.node.target.rpartition(".")
-        cached = CachedSDPA(module, site.path, site.num_kv_heads, _window(gm.hf_config, site.layer))
-        setattr(gm.get_submodule(parent) if parent else gm, name, cached)
+    """Swap ``gm``'s SDPA modules for :class:`CachedSDPA` (in place, idempotent); raises if the cache cannot apply:
+    the :class:`EnableKVCache` pass."""
+    run_passes(gm, EnableKVCache())
+
+
+class EnableKVCache(GraphPass):
+    """Swap every attention site's SDPA module for a :class:`CachedSDPA` at the same path (the graph's code does not
+    change); a model :func:`kv_cache_support` refuses raises :class:`CacheUnsupported`."""
+
+    name = "enable_kv_cache"
+
+    def requires(self, gm) -> None:
+        reason = kv_cache_support(gm)
+        if reason is not None:
+            raise CacheUnsupported(f"no KV cache for {gm.hf_class}: {reason}")
+
+    def call(self, gm) -> PassResult:
+        for site in gm.site_index.attention:
+            module = gm.get_submodule(site.node.target)
+            if isinstance(module, CachedSDPA):
+                continue
+            parent, _, name = site.node.target.rpartition(".")
+            cached = CachedSDPA(module, site.path, site.num_kv_heads, _window(gm.hf_config, site.layer))
+            setattr(gm.get_submodule(parent) if parent else gm, name, cached)
+        return PassResult(gm, False)  # modules swapped in place: the graph and its code are the same
 
 
 class KVCache:

@@ -41,6 +41,7 @@ def cmd_apply(args) -> int:
     from graftr import passes
     from graftr.grafted import graft, prepare, summary
     from graftr.names import DTYPES
+    from graftr.passbase import run_passes
     from graftr.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -54,7 +55,8 @@ def cmd_apply(args) -> int:
               f"{t_trace - t_build:.1f} s, {len(gm.site_index.linear)} linear and "
               f"{len(gm.site_index.attention)} attention sites")
     if args.dry_run:
-        plans = passes.match(gm.site_index, recipe)
+        run_passes(gm, passes.MatchPass(recipe))  # annotate only
+        plans = passes.planned(gm.site_index, recipe)
         table = Table(title="plan (dry run: matching only)")
         for col in ("rule", "kind", "sites", "example paths"):
             table.add_column(col)

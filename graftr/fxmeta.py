@@ -85,3 +85,16 @@ def copy_meta(src: fx.Node, dst: fx.Node, **extra: Any) -> None:
 # provenance keys set by graftr's passes
 MATCHED = "graftr_matched"  # on a site's anchor node: list of rule names that matched it (set by the match pass)
 RULE = "graftr_rule"  # on every node a rewrite inserted: the rule that made it
+
+
+def matched(node: fx.Node) -> list[str]:
+    """The rules the match pass tagged ``node`` (a site's anchor) with, in recipe order."""
+    return list(node.meta.get(MATCHED, ()))
+
+
+def tag_matched(node: fx.Node, rule: str) -> None:
+    node.meta.setdefault(MATCHED, []).append(rule)
+
+
+def untag_matched(node: fx.Node) -> None:
+    node.meta.pop(MATCHED, None)

@@ -14,6 +14,7 @@ logits are never kept for backward. Such a call returns ``loss`` with ``logits=N
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import fx, nn
 from graftr import passes, trace as tracing
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
 from graftr.loss import IGNORE_INDEX, Scratch, linear_cross_entropy
+from graftr.passbase import GraphPass, PassResult, run_passes
 from graftr.sites import _boundary, find_sites
 
 _IGNORED_FLAGS = ("use_cache", "return_dict")
@@ -29,24 +31,100 @@ _LM_LOSS_SHIFT = {"causal_lm": True, "masked_lm": False, "seq2seq_lm": False}  #
 _FALSE_ONLY = ("output_attentions", "output_hidden_states")
 
 
+@dataclass
+class Grafting:
+    """What tracing and grafting produced: the one record a :class:`GraftedModel` keeps (``gm.grafting``).
+
+    The fields are also the model's attributes of the same meaning (``gm.task``, ``gm.plans``, ``gm.site_index``,
+    ``gm.graftr_input_names``, ...), read and set through it. A feature that needs to remember something about a
+    grafted model adds a field here (with its default), not an attribute elsewhere.
+    """
+
+    input_names: list[str]  # the graph's tensor inputs, in call order
+    max_positions: int  # the longest sequence the position embeddings allow
+    position_ids: str | None  # how the HF forward fills position_ids when none are given (graftr.trace)
+    hf_config: Any  # transformers.PretrainedConfig of the traced model (shared with it)
+    hf_class: str  # the traced HF class, e.g. "LlamaForCausalLM"
+    task: str  # graftr.names.TASKS
+    model_id: str | None  # the base model's id or directory
+    site_index: Any  # graftr.sites.SiteIndex of the flat graph
+    recipe: Any = None  # graftr.recipe.Recipe once grafted
+    plans: list = field(default_factory=list)  # graftr.passes.RulePlan per rule, in recipe order
+    outlined: list[str] = field(default_factory=list)  # layers the outline_layers pass made submodules of
+
+
+@dataclass
+class _Runtime:
+    """Caches of a grafted model's calls (not part of what grafting produced): dropped when the graph changes."""
+
+    fused_head: Any = None  # (graph up to the head, head weight, head bias), False if none, None: not built yet
+    compile_options: dict | None = None  # torch.compile options of compile_graph
+    scratch: Scratch | None = None  # the fused loss's chunk buffer (CPU)
+
+
+def _recorded(name: str, doc: str) -> property:
+    def get(self):
+        return getattr(self.grafting, name)
+
+    def set_(self, value):
+        setattr(self.grafting, name, value)
+
+    return property(get, set_, doc=doc)
+
+
 class GraftedModel(fx.GraphModule):
-    """A traced HF model (optionally with adapters). Build it with :func:`graftr.graft` or :func:`prepare`."""
+    """A traced HF model (optionally with adapters). Build it with :func:`graftr.graft` or :func:`prepare`.
+
+    What grafting produced is one declared record, :class:`Grafting` (``gm.grafting``); the attributes below read
+    and set its fields."""
 
     fused_loss = True  # training-mode LM loss from the head's input, without logits (see the module docstring)
+    grafting: Grafting
+
+    graftr_input_names = _recorded("input_names", "the graph's tensor inputs, in call order")
+    graftr_max_positions = _recorded("max_positions", "the longest sequence the position embeddings allow")
+    graftr_position_ids = _recorded("position_ids", "how the HF forward fills position_ids when none are given")
+    graftr_outlined = _recorded("outlined", "layers the outline_layers pass made submodules of")
+    hf_config = _recorded("hf_config", "the traced model's transformers config (shared with it)")
+    hf_class = _recorded("hf_class", "the traced HF class name")
+    task = _recorded("task", "the task the model was traced for (graftr.names.TASKS)")
+    model_id = _recorded("model_id", "the base model's id or directory")
+    recipe = _recorded("recipe", "the recipe grafted onto the model, or None")
+    plans = _recorded("plans", "what the rewrite pass inserted, per rule")
+
+    @property
+    def site_index(self):
+        """The sites of the flat graph (:func:`graftr.sites.find_sites`); refused once the layers are outlined, since
+        the site nodes then no longer are the graph's."""
+        if self.grafting.outlined:
+            raise RuntimeError(f"{type(self).__name__}: the layers are outlined; its site index describes the flat "
+                               "graph (outline last, after matching, rewriting and merging)")
+        return self.grafting.site_index
+
+    @site_index.setter
+    def site_index(self, value) -> None:
+        self.grafting.site_index = value
+
+    @property
+    def _runtime(self) -> _Runtime:
+        runtime = self.__dict__.get("_graftr_runtime")
+        if runtime is None:  # also while GraphModule.__init__ compiles the graph the first time
+            runtime = self.__dict__["_graftr_runtime"] = _Runtime()
+        return runtime
 
     def recompile(self):
         result = super().recompile()
         cls = type(self)
         cls._graph_forward = cls.forward  # the generated code
         cls.forward = GraftedModel._hf_forward
-        self.__dict__["_graftr_head"] = None  # the graph changed: rebuild the fused-loss variant when next needed
+        self._runtime.fused_head = None  # the graph changed: rebuild the fused-loss variant when next needed
         return result
 
     def compile_graph(self, **options: Any) -> None:
         """``torch.compile`` the generated graph code (and its fused-loss variant), not the keyword wrapper."""
         self._graph_forward = torch.compile(type(self)._graph_forward.__get__(self), **options)
-        self.__dict__["_graftr_compile"] = options
-        self.__dict__["_graftr_head"] = None
+        self._runtime.compile_options = options
+        self._runtime.fused_head = None
 
     # ---- calling like the HF model -------------------------------------------------------------------------
     def _hf_forward(self, labels: torch.Tensor | None = None, **kwargs: Any):
@@ -81,7 +159,8 @@ class GraftedModel(fx.GraphModule):
                 weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
                 if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
                     out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
-                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch())
+                    runtime = self._runtime
+                    scratch = runtime.scratch = runtime.scratch or Scratch()
                     loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task],
                                                 scratch=scratch)
                     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
@@ -93,10 +172,10 @@ class GraftedModel(fx.GraphModule):
     def _fused_head(self) -> tuple[Any, str, str | None] | None:
         """(the graph up to the logits' linear head, as a function of the inputs; head weight; head bias), or None
         if the logits are not one linear of the head's input (Gemma-2's soft-capping, an adapter on the head)."""
-        head = self.__dict__.get("_graftr_head")
-        if head is None:
-            head = self.__dict__["_graftr_head"] = self._build_fused_head() or False
-        return head or None
+        runtime = self._runtime
+        if runtime.fused_head is None:
+            runtime.fused_head = self._build_fused_head() or False
+        return runtime.fused_head or None
 
     @torch._dynamo.disable
     def _build_fused_head(self) -> tuple[Any, str, str | None] | None:
@@ -122,7 +201,7 @@ class GraftedModel(fx.GraphModule):
         graph._codegen = codegen
         code = graph.python_code(root_module="self")
         body = fx.graph_module._forward_from_src(code.src, code.globals).__get__(self)
-        options = self.__dict__.get("_graftr_compile")
+        options = self._runtime.compile_options
         if options is not None:
             body = torch.compile(body, **options)
         return body, node.args[1].target, (node.args[2].target if len(node.args) > 2 else None)
@@ -170,54 +249,67 @@ class GraftedModel(fx.GraphModule):
 
         Checks every site first and raises :class:`MergeError` before changing anything if one cannot be merged.
         """
-        sites = [s for s in self.site_index.all() if s.adapters]
-        for site in sites:
+        run_passes(self, MergeAdapters())
+        return self
+
+
+class MergeAdapters(GraphPass):
+    """Fold every adapter of a grafted model into its site's base weights and remove it from the graph; afterwards
+    the model is its plain base model again. ``requires`` checks every site before anything changes."""
+
+    name = "merge_adapters"
+
+    def requires(self, gm: GraftedModel) -> None:
+        for site in gm.site_index.all():
+            if not site.adapters:
+                continue
             if site.op != "linear":
                 raise MergeError(f"{site.path}: {ATTENTION_NOT_MERGEABLE}")
             branch_before = False
             for target in site.adapters:
-                module = self.get_submodule(target)
+                module = gm.get_submodule(target)
                 module.check_merge()
                 if module.position == "input" and branch_before:
                     raise MergeError(f"{site.path}: input scaling after a branch adapter on the same site cannot be "
                                      "merged exactly (the branch reads the unscaled input)")
                 branch_before = branch_before or not module.is_scaling
+
+    def call(self, gm: GraftedModel) -> PassResult:
+        sites = [s for s in gm.site_index.all() if s.adapters]
         with torch.no_grad():
             for site in sites:
-                weight = self.get_parameter(site.weight)
-                bias = self.get_parameter(site.bias) if site.bias else None
+                weight = gm.get_parameter(site.weight)
+                bias = gm.get_parameter(site.bias) if site.bias else None
                 w, b = weight.data, (bias.data if bias is not None else None)
                 for target in site.adapters:
-                    w, b = self.get_submodule(target).merge_into(w, b, site.layout)
+                    w, b = gm.get_submodule(target).merge_into(w, b, site.layout)
                 weight.data.copy_(w)
                 if bias is not None:
                     bias.data.copy_(b)
                 elif b is not None:  # an adapter added a bias (scale_bias) where the base has none
-                    self._add_bias(site, b)
+                    self._add_bias(gm, site, b)
         for site in sites:
-            for node in [n for n in self.graph.nodes if n.op == "call_module" and n.target in site.adapters]:
+            for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in site.adapters]:
                 node.replace_all_uses_with(node.args[-1])  # an output adapter's y, an input adapter's x
-                self.graph.erase_node(node)
+                gm.graph.erase_node(node)
             for target in site.adapters:
                 parent, name = target.rsplit(".", 1)
-                delattr(self.get_submodule(parent), name)
+                delattr(gm.get_submodule(parent), name)
             site.adapters.clear()
             site.input, site.output = _boundary(site.nodes)
-        self.plans = []  # every adapter is folded in: the model is a plain base model again
-        self.graph.lint()
-        self.recompile()
-        return self
+        gm.plans = []  # every adapter is folded in: the model is a plain base model again
+        return PassResult(gm, True)
 
-
-    def _add_bias(self, site, bias: torch.Tensor) -> None:
+    @staticmethod
+    def _add_bias(gm: GraftedModel, site, bias: torch.Tensor) -> None:
         """Give the bias-free linear ``site`` the bias ``bias``: a parameter at ``<site path>.bias``, read by its op."""
         node = next(n for n in site.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default)
-        owner = self.get_submodule(site.path)
+        owner = gm.get_submodule(site.path)
         if hasattr(owner, "bias") and getattr(owner, "bias") is not None:
             raise MergeError(f"{site.path} already has a bias attribute the graph does not read")
         owner.register_parameter("bias", nn.Parameter(bias.detach().clone(), requires_grad=False))
-        with self.graph.inserting_before(node):
-            attr = self.graph.get_attr(f"{site.path}.bias")
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(f"{site.path}.bias")
         node.args = (*node.args[:2], attr)
         site.bias = f"{site.path}.bias"
 
@@ -231,20 +323,14 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
     spec = tracing.trace_spec(model)
     gm = tracing.to_graph_module(tracing.export(model, spec, dynamic=dynamic), cls=GraftedModel,
                                  class_name=f"Grafted{type(model).__name__}")
-    gm.graftr_input_names = list(spec.input_names)
-    gm.graftr_max_positions = spec.max_positions
-    gm.graftr_position_ids = spec.position_ids
-    gm.hf_config = model.config
-    gm.hf_class = type(model).__name__
     if task is None:
         from graftr.models import infer_task
 
         task = infer_task(model.config)
-    gm.task = task
-    gm.model_id = model_id or getattr(model.config, "_name_or_path", "") or None
-    gm.recipe = None
-    gm.plans = []
-    gm.site_index = find_sites(gm)
+    gm.grafting = Grafting(input_names=list(spec.input_names), max_positions=spec.max_positions,
+                           position_ids=spec.position_ids, hf_config=model.config, hf_class=type(model).__name__,
+                           task=task, model_id=model_id or getattr(model.config, "_name_or_path", "") or None,
+                           site_index=find_sites(gm))
     return gm
 
 
@@ -255,7 +341,9 @@ def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = Non
     gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task=recipe.task)
     if gm.recipe is not None:
         raise GraftrError("this model is already grafted; graft the base model with one combined recipe")
-    plans = passes.rewrite(gm, passes.match(gm.site_index, recipe))
+    inserted = passes.RewritePass(recipe)
+    run_passes(gm, passes.MatchPass(recipe), inserted)
+    plans = inserted.plans
     gm.recipe, gm.plans = recipe, plans
     adapter_prefixes = tuple(t + "." for p in plans for t in p.modules)
     globs = [compile_glob(g) for g in recipe.trainable_modules]

@@ -48,6 +48,7 @@ from torch import fx, nn
 
 from graftr import fxmeta
 from graftr.errors import GraftrError
+from graftr.passbase import GraphPass, PassResult, run_passes
 from graftr.sites import layer_of, stack_sizes
 
 ROOT = ""  # group key of the nodes that stay in the root graph
@@ -200,10 +201,23 @@ def _install_layer(gm: fx.GraphModule, key: str, graph: fx.Graph, class_name: st
 
 
 def outline_layers(gm: fx.GraphModule) -> fx.GraphModule:
-    """Run every layer of ``gm`` as a submodule call at its own path (in place; returns ``gm``).
+    """Run every layer of ``gm`` as a submodule call at its own path (in place; returns ``gm``): the
+    :class:`OutlineLayers` pass."""
+    return run_passes(gm, OutlineLayers()).graph_module
 
-    Parameter names, outputs, gradients and ``.train()``/``.eval()`` behaviour are unchanged.
-    """
+
+class OutlineLayers(GraphPass):
+    """Run every layer as a submodule call at its own path. Parameter names, outputs, gradients and
+    ``.train()``/``.eval()`` behaviour are unchanged; ``gm.graftr_outlined`` lists the layers."""
+
+    name = "outline_layers"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        _outline(gm)
+        return PassResult(gm, True)
+
+
+def _outline(gm: fx.GraphModule) -> None:
     graph = gm.graph
     stacks = stack_sizes(n for n, _ in gm.named_parameters())
     if not stacks:
@@ -235,4 +249,3 @@ def outline_layers(gm: fx.GraphModule) -> fx.GraphModule:
     root.lint()
     gm.graph = root  # recompiles (GraftedModel keeps its HF-style forward)
     gm.graftr_outlined = sorted(members, key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])))
-    return gm

@@ -1,8 +1,10 @@
-"""The two passes: **match** (annotate) and **rewrite** (transform).
+"""The recipe's two passes: **match** (annotate) and **rewrite** (transform), in the protocol of
+:mod:`graftr.passbase`.
 
-``match`` only tags nodes: it records in ``node.meta["graftr_matched"]`` of each site's anchor node the rules that
-selected it, and returns the plan. A dry run is this step alone. ``rewrite`` then walks the rules in recipe order,
-builds each adapter from its site, installs it as a submodule at ``<site path>.<rule name>`` (so its parameter
+:class:`MatchPass` only tags nodes: it records in ``node.meta["graftr_matched"]`` of each site's anchor node the
+rules that selected it. A dry run is this step alone (:func:`match` also returns the plan it tagged).
+:class:`RewritePass` reads the tags back (:func:`planned`), then walks the rules in recipe order, builds each
+adapter from its site, installs it as a submodule at ``<site path>.<rule name>`` (so its parameter
 names contain the site's module path) and inserts its nodes, tagging each with ``node.meta["graftr_rule"]``.
 The graph is linted after every rule; a failure names the rule.
 
@@ -25,6 +27,7 @@ from torch import fx
 
 from graftr import fxmeta
 from graftr.errors import GraftrError, MatchError
+from graftr.passbase import GraphPass, PassResult
 from graftr.registry import kind_of
 from graftr.sites import SiteIndex, stack_sizes
 from graftr.trace import install_module
@@ -59,7 +62,10 @@ def _closest(rule, sites) -> str:
 
 
 def match(index: SiteIndex, recipe) -> list[RulePlan]:
-    """Annotate: tag every site each rule selects. Raises :class:`MatchError` for a rule matching nothing."""
+    """Annotate: tag every site each rule selects (tags of an earlier match are dropped first) and return the plan.
+    Raises :class:`MatchError` for a rule matching nothing."""
+    for site in index.all():
+        fxmeta.untag_matched(site.anchor)
     plans = []
     for rule in recipe.rules:
         kind = kind_of(rule.adapter)
@@ -74,9 +80,51 @@ def match(index: SiteIndex, recipe) -> list[RulePlan]:
                     if other else f"; closest module paths: {_closest(rule, pool)}")
             raise MatchError(f"rule {rule.name!r} matched nothing ({rule.match.describe()}){hint}")
         for site in selected:
-            site.anchor.meta.setdefault(fxmeta.MATCHED, []).append(rule.name)
+            fxmeta.tag_matched(site.anchor, rule.name)
         plans.append(RulePlan(rule, selected))
     return plans
+
+
+def planned(index: SiteIndex, recipe) -> list[RulePlan]:
+    """The plan :func:`match` annotated, read back from the graph: per rule, the sites whose anchor it tagged."""
+    plans = []
+    for rule in recipe.rules:
+        sites = [s for s in index.of_ops(kind_of(rule.adapter).ops) if rule.name in fxmeta.matched(s.anchor)]
+        plans.append(RulePlan(rule, sites))
+    return plans
+
+
+class MatchPass(GraphPass):
+    """Annotate: tag the sites every rule of ``recipe`` selects (the graph's code does not change)."""
+
+    name = "match"
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+
+    def call(self, gm) -> PassResult:
+        match(gm.site_index, self.recipe)
+        return PassResult(gm, False)
+
+
+class RewritePass(GraphPass):
+    """Transform: insert the adapters of ``recipe`` at the sites :class:`MatchPass` tagged; ``plans`` holds what was
+    inserted, rule by rule."""
+
+    name = "rewrite"
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.plans: list[RulePlan] = []
+
+    def requires(self, gm) -> None:
+        untagged = [p.name for p in planned(gm.site_index, self.recipe) if not p.sites]
+        if untagged:
+            raise RuntimeError(f"rewrite needs the match pass first: no site is tagged for rules {untagged}")
+
+    def call(self, gm) -> PassResult:
+        self.plans = rewrite(gm, planned(gm.site_index, self.recipe))
+        return PassResult(gm, True)
 
 
 def _device_for(gm: fx.GraphModule, site) -> torch.device:

@@ -3,7 +3,7 @@
 A *linear site* is a module whose own graph nodes apply one weight matrix (``nn.Linear`` → ``aten.linear``,
 GPT-2's ``Conv1D`` → ``view/addmm/view``), seen from outside as one input node and one output node.
 An *attention site* is an attention computation with its query (after RoPE), key, value and mask, the block's
-projections and its head geometry: an ``SDPA`` call (after :func:`graftr.trace.normalize`), or the eager pattern
+projections and its head geometry: an ``SDPA`` call (after :class:`graftr.trace.NormalizeModes`), or the eager pattern
 ``matmul(q, kᵀ) → scale → (softcap) → (+ mask/bias) → softmax → (dropout) → matmul(·, v)`` of models traced with
 eager attention (Gemma-2, with its score softcapping; any model built with ``attn_implementation="eager"``).
 

@@ -5,7 +5,7 @@ sequence dimensions bounded by the model's maximum positions, and works on the `
 7B structure takes seconds and no weight memory.
 
 Export bakes the module mode into the graph (``aten.dropout(x, p, True)``, SDPA's ``dropout_p``), and an
-exported module refuses ``.train()``/``.eval()``. :func:`normalize` therefore traces in training mode and turns
+exported module refuses ``.train()``/``.eval()``. :class:`NormalizeModes` therefore traces in training mode and turns
 every dropout into an ``nn.Dropout`` submodule and every SDPA call into an :class:`SDPA` submodule, so the mode
 switches exactly as on the HF model. It also routes a ``position_ids`` input through :class:`SharedRows`, so
 default positions (one row broadcast over the batch) give rotary tables of one row, as in the HF forward.
@@ -24,6 +24,7 @@ from torch.export import Dim
 
 from graftr import fxmeta
 from graftr.errors import GraftrError
+from graftr.passbase import GraphPass, PassResult, run_passes
 
 # Bounds of the dynamic dimensions. Tracing examples avoid 0 and 1, which export would specialise on.
 MAX_BATCH = 4096
@@ -174,7 +175,7 @@ def export(model: nn.Module, spec: TraceSpec | None = None, *, dynamic: bool = T
     # No KV-cache objects in the graph. Submodules may hold their own config copy (T5's decoder stack does).
     configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
     had_cache = {key: c.use_cache for key, c in configs.items()}
-    model.train()  # dropout nodes must exist in the graph; normalize() makes them follow the mode
+    model.train()  # dropout nodes must exist in the graph; NormalizeModes makes them follow the mode
     for c in configs.values():
         c.use_cache = False
     # DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear process-wide once an engine exists (and says it never
@@ -213,8 +214,18 @@ def install_module(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
     return _install(gm, path, module)
 
 
-def normalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Make baked-in mode-dependent ops follow ``.train()``/``.eval()``: dropout → ``nn.Dropout``, SDPA → :class:`SDPA`."""
+class NormalizeModes(GraphPass):
+    """Make baked-in mode-dependent ops follow ``.train()``/``.eval()``: dropout → ``nn.Dropout``, SDPA → :class:`SDPA`
+    (grouped-query SDPA reads the key/value heads without HF's ``repeat_kv`` copies)."""
+
+    name = "normalize_modes"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        _normalize(gm)
+        return PassResult(gm, True)
+
+
+def _normalize(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -257,10 +268,6 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
         for dead in replaced:  # the repeat_kv copies SDPA no longer reads
             _erase_unused(graph, dead)
-    graph.lint()
-    gm.recompile()
-    share_position_rows(gm)
-    return gm
 
 
 class SharedRows(nn.Module):
@@ -269,7 +276,7 @@ class SharedRows(nn.Module):
     The grafted wrapper's default ``position_ids`` is ``arange(T).expand(B, T)``: with this module after that
     input, the rotary tables (or position embeddings) are computed and kept for backward once, not once per row,
     as in the HF forward, which builds them from a ``(1, T)`` position tensor. Only inserted where every op between
-    the input and the batch-carrying activations broadcasts (:func:`share_position_rows`).
+    the input and the batch-carrying activations broadcasts (:class:`SharePositionRows`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,8 +298,17 @@ _BROADCAST_OPS = {
 _MEETING_OPS = {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
 
 
-def share_position_rows(gm: fx.GraphModule) -> bool:
-    """Route the ``position_ids`` input through :class:`SharedRows` when that is provably the same computation.
+class SharePositionRows(GraphPass):
+    """Route the ``position_ids`` input through :class:`SharedRows` when that is provably the same computation."""
+
+    name = "share_position_rows"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(gm, _share_position_rows(gm))
+
+
+def _share_position_rows(gm: fx.GraphModule) -> bool:
+    """:class:`SharePositionRows`' test and rewrite.
 
     Every node depending on ``position_ids`` alone must be a broadcasting op that leaves dim 0 alone (unsqueeze and
     cat at dims ≥ 1 of tensors with the batch first), and every node where such a tensor meets other inputs must be
@@ -345,8 +361,6 @@ def share_position_rows(gm: fx.GraphModule) -> bool:
     fxmeta.copy_meta(pos, shared)
     for u in users:
         u.replace_input_with(pos, shared)
-    graph.lint()
-    gm.recompile()
     return True
 
 
@@ -401,4 +415,4 @@ def to_graph_module(ep: torch.export.ExportedProgram, cls: type[fx.GraphModule] 
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(unlifted, attr):
             setattr(gm, attr, getattr(unlifted, attr))
-    return normalize(gm)
+    return run_passes(gm, NormalizeModes(), SharePositionRows()).graph_module
