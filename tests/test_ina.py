@@ -18,7 +18,7 @@ from graftr import graft
 from graftr.adapters.ina import InA, InAConfig
 from graftr.errors import AdapterLoadError, GraftrError, MergeError, RecipeError
 from graftr.models import build_model, resolve
-from graftr.peft_format import export_peft, import_peft
+from graftr.formats.peft import export_peft, import_peft
 from graftr.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -448,7 +448,7 @@ def test_cli_converts_both_ways_on_the_structure_and_merge_refuses_before_any_we
     from after_training_kit import cli_error
 
     from graftr import cli
-    from graftr.io import RECIPE
+    from graftr.formats.graftr import RECIPE
 
     path = _peft_adapter(tmp_path, inhibition=0.3, num_labels=3)
     tiny_model("bert").config.save_pretrained(tmp_path / "base")  # the config's default: two labels

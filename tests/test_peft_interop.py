@@ -20,7 +20,7 @@ from zoo import IA3_TARGETS, example_inputs, ia3_recipe, tiny_model
 
 from graftr import GraftedModel, cli, graft, load_adapter
 from graftr.errors import GraftrError
-from graftr.peft_format import export_peft, import_peft
+from graftr.formats.peft import export_peft, import_peft
 from graftr.recipe import parse_recipe
 
 peft = pytest.importorskip("peft")

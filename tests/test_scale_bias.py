@@ -10,7 +10,7 @@ from zoo import example_inputs, tiny_model
 from graftr import cli, graft
 from graftr.adapters.scale_bias import ScaleBias
 from graftr.errors import GraftrError, MergeError
-from graftr.peft_format import export_peft
+from graftr.formats.peft import export_peft
 from graftr.recipe import load_recipe, parse_recipe
 from test_recipes_shipped import RECIPES
 

@@ -40,7 +40,7 @@ class ScaleBiasConfig(AdapterConfig):
 class ScaleBias(LinearAdapter):
     position = "output"
     is_scaling = True  # reads only the site's output, never x: an input scaling after it still merges exactly
-    peft_refusal = PEFT_REFUSAL  # graftr.peft_format.export_peft refuses with this line
+    peft_refusal = PEFT_REFUSAL  # graftr.formats.peft.export_peft refuses with this line
 
     def __init__(self, out_features: int, device=None):
         super().__init__()
