@@ -59,7 +59,6 @@ class _Runtime:
 
     fused_head: Any = None  # (graph up to the head, head weight, head bias), False if none, None: not built yet
     compile_options: dict | None = None  # torch.compile options of compile_graph
-    scratch: Scratch | None = None  # the fused loss's chunk buffer (CPU)
 
 
 def _recorded(name: str, doc: str) -> property:
@@ -159,8 +158,9 @@ class GraftedModel(fx.GraphModule):
                 weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
                 if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
                     out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
-                    runtime = self._runtime
-                    scratch = runtime.scratch = runtime.scratch or Scratch()
+                    # the chunk buffer kept between steps (graftr.loss.Scratch); an instance attribute of its own,
+                    # "_graftr_scratch", which outlives graph changes
+                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch())
                     loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task],
                                                 scratch=scratch)
                     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
