@@ -69,8 +69,13 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  eos_token_ids: list[int], pad_token_id: int, sampling: Sampling = Sampling(), use_cache: bool = True,
-                 on_logits: Callable[[int, torch.Tensor], None] | None = None) -> Generation:
-    """Generate up to ``max_new_tokens`` after left-padded prompts; ``on_logits(step, logits)`` sees each step."""
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                 policy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Generation:
+    """Generate up to ``max_new_tokens`` after left-padded prompts; ``on_logits(step, logits)`` sees each step.
+
+    ``policy(logits) -> (tokens, done)``, when given, chooses each step's tokens from the (B, V) logits and says which
+    rows have ended, in place of ``sampling`` and ``eos_token_ids`` (``model.generate``: HF's processors and stopping
+    criteria, :class:`graftr.hf.HFDecoding`)."""
     if max_new_tokens < 1:
         raise GraftrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not bool(attention_mask.bool().any(-1).all()):
@@ -82,7 +87,7 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
     if max(total, input_ids.shape[1]) > gm.graftr_max_positions:
         raise GraftrError(f"the prompt ({input_ids.shape[1]} tokens) and {max_new_tokens} new tokens exceed the "
                           f"{gm.graftr_max_positions} positions the model allows")
-    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits)
+    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits, policy)
     was_training = gm.training
     gm.eval()
     try:
@@ -93,10 +98,13 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
                     return Generation(run.cached(input_ids, attention_mask, max_new_tokens), True, None)
                 except CacheUnsupported as e:  # raised on the prompt step, before any token is chosen
                     note = str(e)
-                    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits)
+                    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits, policy)
             if decoder_len:
                 return Generation(run.seq2seq(input_ids, attention_mask, max_new_tokens), False, note)
             if "position_ids" not in gm.graftr_input_names and not bool(attention_mask.bool().all()):
+                if policy is not None:
+                    raise GraftrError(f"{gm.hf_class} generates padded prompts one at a time (its graph takes no "
+                                      "position_ids); call generate with one prompt, or prompts of one length")
                 note += "; prompts run one at a time (the graph takes no position_ids to offset padded rows)"
                 rows = [run.full(input_ids[i:i + 1, -int(m.sum()):], m[None, -int(m.sum()):], max_new_tokens)
                         for i, m in enumerate(attention_mask)]
@@ -111,8 +119,8 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
 class _Run:
     """One generation's token choice and stopping, shared by the cached and the recomputing loops."""
 
-    def __init__(self, gm, eos_token_ids, pad_token_id, sampling, on_logits):
-        self.gm, self.sampling, self.on_logits = gm, sampling, on_logits
+    def __init__(self, gm, eos_token_ids, pad_token_id, sampling, on_logits, policy=None):
+        self.gm, self.sampling, self.on_logits, self.policy = gm, sampling, on_logits, policy
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
         self.pad = pad_token_id
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -124,6 +132,10 @@ class _Run:
         step = len(self.tokens)
         if self.on_logits is not None:
             self.on_logits(step, logits)
+        if self.policy is not None:
+            token, self.done = self.policy(logits)
+            self.tokens.append(token)
+            return bool(self.done.all())
         token = self.sampling.choose(logits.cpu(), self.generator)
         if self.done is None:
             self.done = torch.zeros_like(token, dtype=torch.bool)

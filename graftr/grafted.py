@@ -22,13 +22,12 @@ from torch import fx, nn
 
 from graftr import passes, trace as tracing
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
+from graftr.hf import HFModelMixin, adopt, bind_forward, hf_forward, keep_logits
 from graftr.loss import IGNORE_INDEX, Scratch, linear_cross_entropy
 from graftr.passbase import GraphPass, PassResult, run_passes
 from graftr.sites import _boundary, find_sites
 
-_IGNORED_FLAGS = ("use_cache", "return_dict")
 _LM_LOSS_SHIFT = {"causal_lm": True, "masked_lm": False, "seq2seq_lm": False}  # tasks whose loss can be fused
-_FALSE_ONLY = ("output_attentions", "output_hidden_states")
 
 
 @dataclass
@@ -51,6 +50,8 @@ class Grafting:
     recipe: Any = None  # graftr.recipe.Recipe once grafted
     plans: list = field(default_factory=list)  # graftr.passes.RulePlan per rule, in recipe order
     outlined: list[str] = field(default_factory=list)  # layers the outline_layers pass made submodules of
+    embeddings: dict[str, str] = field(default_factory=dict)  # "input"/"output" -> module path (graftr.hf.adopt)
+    generation_config: Any = None  # transformers.GenerationConfig, made from hf_config when first read (graftr.hf)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _Runtime:
 
     fused_head: Any = None  # (graph up to the head, head weight, head bias), False if none, None: not built yet
     compile_options: dict | None = None  # torch.compile options of compile_graph
+    backbone: Any = None  # the graph up to the LM head's input (model.base_model), None: not built yet
 
 
 def _recorded(name: str, doc: str) -> property:
@@ -71,11 +73,12 @@ def _recorded(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
-class GraftedModel(fx.GraphModule):
+class GraftedModel(fx.GraphModule, HFModelMixin):
     """A traced HF model (optionally with adapters). Build it with :func:`graftr.graft` or :func:`prepare`.
 
     What grafting produced is one declared record, :class:`Grafting` (``gm.grafting``); the attributes below read
-    and set its fields."""
+    and set its fields. It is a ``transformers.PreTrainedModel`` too: :class:`graftr.hf.HFModelMixin` gives it the
+    interface of the class it was traced from (config, forward signature, generate, save_pretrained, ...)."""
 
     fused_loss = True  # training-mode LM loss from the head's input, without logits (see the module docstring)
     grafting: Grafting
@@ -90,6 +93,7 @@ class GraftedModel(fx.GraphModule):
     model_id = _recorded("model_id", "the base model's id or directory")
     recipe = _recorded("recipe", "the recipe grafted onto the model, or None")
     plans = _recorded("plans", "what the rewrite pass inserted, per rule")
+    graftr_embeddings = _recorded("embeddings", "module paths of the input and output embeddings")
 
     @property
     def site_index(self):
@@ -115,8 +119,9 @@ class GraftedModel(fx.GraphModule):
         result = super().recompile()
         cls = type(self)
         cls._graph_forward = cls.forward  # the generated code
-        cls.forward = GraftedModel._hf_forward
+        cls.forward = hf_forward(cls)
         self._runtime.fused_head = None  # the graph changed: rebuild the fused-loss variant when next needed
+        self._runtime.backbone = None
         return result
 
     def compile_graph(self, **options: Any) -> None:
@@ -124,19 +129,38 @@ class GraftedModel(fx.GraphModule):
         self._graph_forward = torch.compile(type(self)._graph_forward.__get__(self), **options)
         self._runtime.compile_options = options
         self._runtime.fused_head = None
+        self._runtime.backbone = None
 
     # ---- calling like the HF model -------------------------------------------------------------------------
-    def _hf_forward(self, labels: torch.Tensor | None = None, **kwargs: Any):
+    def _hf_forward(self, *args: Any, **kwargs: Any):
+        inputs, loss_args = bind_forward(self, args, kwargs)  # positional input_ids, the HF class's keywords
+        labels, count, keep = (loss_args.get(k) for k in ("labels", "num_items_in_batch", "logits_to_keep"))
+        inputs = self.complete_inputs(inputs, labels)
+        if labels is not None and self.training and self.fused_loss and self.task in _LM_LOSS_SHIFT and keep in (None, 0):
+            head = self._fused_head()
+            if head is not None:
+                body, weight, bias = head
+                weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
+                if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+                    out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
+                    # the chunk buffer kept between steps (graftr.loss.Scratch); an instance attribute of its own,
+                    # "_graftr_scratch", which outlives graph changes
+                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch())
+                    shift = _LM_LOSS_SHIFT[self.task]
+                    loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=shift, scratch=scratch)
+                    if count is not None:  # a sum over the tokens of the whole (accumulated) batch, as HF's losses
+                        loss = loss * _scored(labels, shift) / count
+                    return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
+        out = self._graph_forward(**inputs)
+        if keep not in (None, 0):
+            out["logits"] = keep_logits(out.logits, keep)
+        if labels is None:
+            return out
+        return type(out)(loss=self._loss(out, labels, count), **out)
+
+    def complete_inputs(self, kwargs: dict[str, Any], labels: torch.Tensor | None) -> dict[str, Any]:
+        """Every graph input, from the given ones: masks of ones, HF's default positions, shifted labels."""
         names = self.graftr_input_names
-        for flag in _FALSE_ONLY:
-            if kwargs.pop(flag, False):
-                raise GraftrError(f"{flag}=True is not supported by a grafted model (the graph returns logits only)")
-        for flag in _IGNORED_FLAGS:
-            kwargs.pop(flag, None)
-        unknown = sorted(k for k in kwargs if k not in names)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unknown}; "
-                            f"it takes {names} and labels")
         if kwargs.get("input_ids") is None:
             raise TypeError("input_ids is required")
         ids = kwargs["input_ids"]
@@ -150,24 +174,7 @@ class GraftedModel(fx.GraphModule):
                 kwargs[name] = (torch.zeros_like(like) if name == "token_type_ids" else torch.ones_like(like))
         if "position_ids" in names and kwargs.get("position_ids") is None:  # what the HF forward would use
             kwargs["position_ids"] = tracing.default_position_ids(self.graftr_position_ids, kwargs["attention_mask"])
-        inputs = {n: kwargs[n] for n in names}
-        if labels is not None and self.training and self.fused_loss and self.task in _LM_LOSS_SHIFT:
-            head = self._fused_head()
-            if head is not None:
-                body, weight, bias = head
-                weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
-                if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
-                    out = body(**inputs)  # the graph up to the head: "logits" holds the head's input
-                    # the chunk buffer kept between steps (graftr.loss.Scratch); an instance attribute of its own,
-                    # "_graftr_scratch", which outlives graph changes
-                    scratch = self.__dict__.setdefault("_graftr_scratch", Scratch())
-                    loss = linear_cross_entropy(out.logits, weight, bias, labels, shift=_LM_LOSS_SHIFT[self.task],
-                                                scratch=scratch)
-                    return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
-        out = self._graph_forward(**inputs)
-        if labels is None:
-            return out
-        return type(out)(loss=self._loss(out, labels), **out)
+        return {n: kwargs[n] for n in names}
 
     def _fused_head(self) -> tuple[Any, str, str | None] | None:
         """(the graph up to the logits' linear head, as a function of the inputs; head weight; head bias), or None
@@ -184,27 +191,55 @@ class GraftedModel(fx.GraphModule):
         keys = list(getattr(spec, "context", None) or [])
         if "logits" not in keys or spec.num_leaves != len(keys):
             return None
-        leaves, at = self.graph.output_node().args[0], keys.index("logits")
-        node = leaves[at]
+        node = self.graph.output_node().args[0][keys.index("logits")]
         if not (node.op == "call_function" and node.target is torch.ops.aten.linear.default and len(node.users) == 1
                 and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:])):
             return None
-        graph, env = fx.Graph(), {}
+        body = self._body_returning(node.args[0])
+        return body, node.args[1].target, (node.args[2].target if len(node.args) > 2 else None)
+
+    def _body_returning(self, value: fx.Node):
+        """The graph with ``value`` in place of the logits in its output, the nodes only the logits need removed:
+        a function of the graph's inputs (compiled as the graph is). None if the output has no logits leaf."""
+        codegen = self.graph._codegen
+        spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+        keys = list(getattr(spec, "context", None) or [])
+        if "logits" not in keys or spec.num_leaves != len(keys):
+            return None
+        leaves, at = self.graph.output_node().args[0], keys.index("logits")
+        graph, env = fx.Graph(owning_module=self), {}
         graph.graph_copy(self.graph, env)
         copied = [env[n] if isinstance(n, fx.Node) else n for n in leaves]
-        copied[at] = env[node.args[0]]
+        copied[at] = env[value]
         graph.output(type(leaves)(copied))
-        graph.erase_node(env[node])
-        for param in node.args[1:]:
-            if not env[param].users:
-                graph.erase_node(env[param])
+        graph.eliminate_dead_code()
         graph._codegen = codegen
         code = graph.python_code(root_module="self")
         body = fx.graph_module._forward_from_src(code.src, code.globals).__get__(self)
         options = self._runtime.compile_options
         if options is not None:
             body = torch.compile(body, **options)
-        return body, node.args[1].target, (node.args[2].target if len(node.args) > 2 else None)
+        return body
+
+    @torch._dynamo.disable
+    def backbone_graph(self):
+        """The graph up to the LM head's input, as a function of the graph's inputs returning that (B, T, D) tensor
+        (``model.base_model``); refused when adapters sit on the head, whose input a caller's own head would skip."""
+        runtime = self._runtime
+        if runtime.backbone is not None:
+            return runtime.backbone
+        path = self.graftr_embeddings.get("output")
+        site = next((s for s in self.site_index.linear if s.path == path), None) if path else None
+        if site is None:
+            raise GraftrError(f"{self.hf_class} has no linear LM head graftr found; base_model is not available")
+        if site.adapters:
+            raise GraftrError(f"adapters on {site.path} (the LM head) would be skipped by code applying the head to "
+                              "base_model's output (TRL's fused LM head); graft the head's input or leave it alone")
+        body = self._body_returning(site.input)
+        if body is None:
+            raise GraftrError(f"the graph of {self.hf_class} returns no logits; base_model is not available")
+        runtime.backbone = lambda **inputs: body(**inputs).logits
+        return runtime.backbone
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.hf_config
@@ -213,18 +248,20 @@ class GraftedModel(fx.GraphModule):
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill(shifted == IGNORE_INDEX, cfg.pad_token_id)
 
-    def _loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, out, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         from transformers.loss.loss_utils import (ForCausalLMLoss, ForMaskedLMLoss, ForSequenceClassificationLoss,
                                                   ForTokenClassification)
 
         logits, cfg, task = out.logits, self.hf_config, self.task
         vocab = logits.shape[-1]
         if task == "causal_lm":
-            return ForCausalLMLoss(logits, labels, vocab_size=vocab)
+            return ForCausalLMLoss(logits, labels, vocab_size=vocab, num_items_in_batch=num_items_in_batch)
         if task == "masked_lm":
-            return ForMaskedLMLoss(logits, labels, vocab_size=vocab)
+            return ForMaskedLMLoss(logits, labels, vocab_size=vocab, num_items_in_batch=num_items_in_batch)
         if task == "seq2seq_lm":
-            return nn.functional.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            loss = nn.functional.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1).to(logits.device),
+                                               ignore_index=IGNORE_INDEX, reduction="sum" if num_items_in_batch else "mean")
+            return loss / num_items_in_batch if num_items_in_batch else loss
         if task == "seq_cls":
             return ForSequenceClassificationLoss(labels, logits, cfg)
         if task == "token_cls":
@@ -314,6 +351,11 @@ class MergeAdapters(GraphPass):
         site.bias = f"{site.path}.bias"
 
 
+def _scored(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """How many labels a language-model loss scores (a causal LM's first label predicts nothing)."""
+    return (labels[..., 1:] if shift else labels).ne(IGNORE_INDEX).sum()
+
+
 def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None,
             dynamic: bool = True) -> GraftedModel:
     """Trace ``model`` into a :class:`GraftedModel` with no adapters (parameters shared, not copied).
@@ -331,6 +373,7 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
                            position_ids=spec.position_ids, hf_config=model.config, hf_class=type(model).__name__,
                            task=task, model_id=model_id or getattr(model.config, "_name_or_path", "") or None,
                            site_index=find_sites(gm))
+    adopt(gm, model)
     return gm
 
 
