@@ -155,29 +155,26 @@ def fresh(grafted):
     return gm
 
 
-def lm_loss(gm, tok) -> float:
-    enc = tok(TEXTS, padding=True, return_tensors="pt")
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    was = gm.training
-    gm.eval()
-    with torch.no_grad():
-        loss = gm(enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss.item()
-    gm.train(was)
-    return loss
-
-
-def check_trained(gm, before: dict[str, torch.Tensor], loss_before: float, tok, saved):
-    """Loss fell; exactly the adapter tensors changed; the saved adapter holds them and the recipe (it reloads
-    equal: test_save_pretrained_writes_an_adapter_and_from_pretrained_reads_it loads one such directory)."""
+def train_and_check(trainer, tmp_path):
+    """Train: the loss on the training data falls, exactly the adapter tensors change, and ``save_model`` writes
+    the adapter: its tensors and recipe (such a directory reloads equal, see
+    test_save_pretrained_writes_an_adapter_and_from_pretrained_reads_it)."""
     from safetensors.torch import load_file
 
     from graftr.formats.graftr import read_manifest
     from graftr.recipe import dump_recipe, load_recipe
 
+    gm = trainer.model
+    before = {n: t.clone() for n, t in gm.state_dict().items()}
+    loss_before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < loss_before - 0.01
     adapter = set(gm.adapter_state_dict())
     changed = {n for n, t in gm.state_dict().items() if not torch.equal(t, before[n])}
     assert changed == adapter
-    assert lm_loss(gm, tok) < loss_before - 0.01
+    saved = tmp_path / "saved"
+    trainer.save_model(str(saved))
+    assert not (saved / "model.safetensors").exists()
     tensors = load_file(str(saved / "adapter.safetensors"))
     assert sorted(tensors) == sorted(adapter)
     for name, tensor in gm.adapter_state_dict().items():
@@ -196,16 +193,11 @@ def test_transformers_trainer_trains_and_saves_the_adapter(fresh, tmp_path):
     gm = fresh
     rows = tok(TEXTS)
     data = Dataset.from_dict({"text": TEXTS, "input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]})
-    before = {n: t.clone() for n, t in gm.state_dict().items()}
-    loss_before = lm_loss(gm, tok)
-    args = TrainingArguments(str(tmp_path / "run"), max_steps=12, learning_rate=5e-2, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, logging_steps=4, report_to="none", save_strategy="no")
-    trainer = Trainer(model=gm, args=args, train_dataset=data,
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=8, learning_rate=5e-2, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, report_to="none", save_strategy="no")
+    trainer = Trainer(model=gm, args=args, train_dataset=data, eval_dataset=data,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
-    trainer.train()
-    trainer.save_model(str(tmp_path / "saved"))
-    assert (tmp_path / "saved" / "manifest.json").is_file() and not (tmp_path / "saved" / "model.safetensors").exists()
-    check_trained(gm, before, loss_before, tok, tmp_path / "saved")
+    train_and_check(trainer, tmp_path)
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -233,15 +225,9 @@ def test_trl_sft_trainer_trains_without_a_peft_config(fresh, tmp_path, kind):
 
     tok = tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    gm = fresh
-    before = {n: t.clone() for n, t in gm.state_dict().items()}
-    loss_before = lm_loss(gm, tok)
-    # gradient_checkpointing=False: TRL turns it on by default (see docs/hf.md)
-    args = SFTConfig(str(tmp_path / "run"), max_steps=12, learning_rate=5e-2, per_device_train_batch_size=4,
-                     logging_steps=4, report_to="none", save_strategy="no", max_length=48,
-                     gradient_checkpointing=False)
-    trainer = SFTTrainer(model=gm, args=args, train_dataset=sft_dataset(kind), processing_class=tok)
-    trainer.train()
-    assert trainer.state.log_history[0]["loss"] > trainer.state.log_history[-2]["loss"]
-    trainer.save_model(str(tmp_path / "saved"))
-    check_trained(gm, before, loss_before, tok, tmp_path / "saved")
+    # TRL turns on activation checkpointing and bf16 by default (see docs/hf.md)
+    args = SFTConfig(str(tmp_path / "run"), max_steps=8, learning_rate=5e-2, per_device_train_batch_size=4,
+                     report_to="none", save_strategy="no", max_length=48, activation_checkpointing=False, bf16=False)
+    data = sft_dataset(kind)
+    trainer = SFTTrainer(model=fresh, args=args, train_dataset=data, eval_dataset=data, processing_class=tok)
+    train_and_check(trainer, tmp_path)
