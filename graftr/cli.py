@@ -186,7 +186,8 @@ COMMAND_MODULES = {
     "merge": ("graftr.merge", "fold mergeable adapters into the base weights and write a plain HF model directory"),
     "export": ("graftr.formats.command", "write an adapter in another format (PEFT)"),
     "generate": ("graftr.generate", "generate text with a grafted model"),
-    "eval": ("graftr.evaluate", "evaluate a grafted model on a dataset (loss/perplexity or accuracy)"),
+    "eval": ("graftr.evaluate", "evaluate a grafted model: loss/perplexity or accuracy on a dataset, or lm-eval "
+                                "benchmarks (--tasks)"),
 }
 
 

@@ -82,12 +82,14 @@ def _sums(task: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def add_arguments(parser) -> None:
+    from graftr import harness
     from graftr.load import add_model_arguments
 
-    add_model_arguments(parser, adapter_required=True)
-    parser.add_argument("--data", required=True, help="a data file, a directory of split files or a hub dataset")
+    add_model_arguments(parser, adapter_required=False)
+    parser.add_argument("--data", help="a data file, a directory of split files or a hub dataset (needs --adapter)")
     parser.add_argument("--split", help="the split to evaluate (default: the recipe's eval split)")
     parser.add_argument("--batch-size", type=int, default=8)
+    harness.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
                         help="override the recipe's train.data fields, e.g. data.max_length=256 data.format=text")
 
@@ -128,6 +130,23 @@ def main(args) -> int:
     from graftr.names import DTYPES
     from graftr.models import load_tokenizer
 
+    if args.tasks is not None:  # lm-evaluation-harness benchmarks (graftr.harness)
+        from graftr import harness
+
+        given = [flag for flag, value in (("--data", args.data), ("--split", args.split),
+                                          ("data.KEY=VALUE", args.overrides)) if value]
+        if given:
+            raise GraftrError(f"{', '.join(given)} cannot be combined with --tasks (the tasks bring their own data)")
+        return harness.main(args)
+    harness_only = [flag for flag, value in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit),
+                                             ("--include-path", args.include_path), ("--out", args.out))
+                    if value is not None]
+    if harness_only:
+        raise GraftrError(f"{', '.join(harness_only)} apply to --tasks (lm-eval benchmarks) only")
+    if args.data is None:
+        raise GraftrError("pass --data (a dataset to compute loss/accuracy on) or --tasks (lm-eval benchmarks)")
+    if args.adapter is None:
+        raise GraftrError("--data evaluates an adapter: pass --adapter (or use --tasks to evaluate the base alone)")
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console)
