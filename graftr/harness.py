@@ -110,7 +110,7 @@ def evaluate_tasks(gm, tokenizer, names: list[str], *, include_path: list[str] |
 
 
 def _quiet() -> None:
-    """lm-eval logs each step at INFO and warns that ``limit`` is for testing: keep warnings and errors only."""
+    """lm-eval logs each step at INFO and warns that ``limit`` is for testing: keep errors only."""
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -136,16 +136,25 @@ def write_results(results: dict, path: Path, *, extra: dict) -> None:
                                            default=handle_non_serializable) + "\n")
 
 
+def require_lm_eval() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise GraftrError("--tasks runs lm-evaluation-harness, which is not installed: pip install 'graftr[eval]' "
+                          "(or pip install lm-eval)")
+
+
 def main(args) -> int:
     """``graftr eval --tasks ...``: the base (``--model``) with the adapter (``--adapter``, optional)."""
-    from lm_eval.utils import make_table
-
     from graftr.console import console as out
     from graftr.load import load_with_weights, resolve_base
     from graftr.models import load_tokenizer
     from graftr.names import DTYPES
 
     names = task_names(args.tasks)
+    require_lm_eval()
+    from lm_eval.utils import make_table
+
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_fewshot is not None and args.num_fewshot < 0:

@@ -14,7 +14,8 @@ from after_training_kit import cli_error, model_dir, randomize_and_save, tokeniz
 from graftr import cli, graft
 from graftr.recipe import parse_recipe
 
-HARNESS = Path(__file__).parent / "data" / "harness"  # tiny_mc.yaml + tiny_mc.jsonl: 12 questions, 3 choices
+ROOT = Path(__file__).parent.parent  # tests/data/harness/tiny_mc.yaml reads its data relative to the repository root
+HARNESS = "tests/data/harness"  # tiny_mc.yaml + tiny_mc.jsonl: 12 questions, 3 choices each
 IA3 = """
 name: ia3_kv
 rules:
@@ -69,9 +70,9 @@ def adapters(tmp_path_factory):
 
 
 def run_eval(capsys, monkeypatch, argv):
-    monkeypatch.chdir(HARNESS)  # the task's data_files are relative to the working directory
+    monkeypatch.chdir(ROOT)  # the task's data_files are relative to the working directory
     capsys.readouterr()
-    assert cli.main(["eval", "--tasks", "tiny_mc", "--include-path", ".", *argv]) == 0
+    assert cli.main(["eval", "--tasks", "tiny_mc", "--include-path", HARNESS, *argv]) == 0
     return capsys.readouterr().out
 
 
