@@ -2,13 +2,35 @@
 
 Trace a Hugging Face model into a torch.fx graph, match the sites a YAML recipe names, rewrite the graph to insert
 parameter-efficient adapters, and train the result with DeepSpeed ZeRO.
+
+The names below are imported on first use (PEP 562), so ``import graftr`` and the command line start without
+loading torch.
 """
 
-from graftr.adapters.base import Adapter, LinearAdapter
-from graftr.errors import GraftrError
-from graftr.grafted import GraftedModel, graft, prepare
-from graftr.formats import load_adapter, save_adapter
-from graftr.registry import AdapterConfig, register_adapter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Adapter": "graftr.adapters.base",
+    "LinearAdapter": "graftr.adapters.base",
+    "GraftrError": "graftr.errors",
+    "GraftedModel": "graftr.grafted",
+    "graft": "graftr.grafted",
+    "prepare": "graftr.grafted",
+    "load_adapter": "graftr.formats",
+    "save_adapter": "graftr.formats",
+    "AdapterConfig": "graftr.registry",
+    "register_adapter": "graftr.registry",
+}
+
+if TYPE_CHECKING:
+    from graftr.adapters.base import Adapter, LinearAdapter
+    from graftr.errors import GraftrError
+    from graftr.grafted import GraftedModel, graft, prepare
+    from graftr.formats import load_adapter, save_adapter
+    from graftr.registry import AdapterConfig, register_adapter
 
 
 def load_recipe(path):
@@ -16,6 +38,18 @@ def load_recipe(path):
     from graftr.recipe import load_recipe as _load
 
     return _load(path)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graftr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = ["Adapter", "AdapterConfig", "GraftedModel", "GraftrError", "LinearAdapter", "graft", "load_adapter",

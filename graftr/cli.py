@@ -2,6 +2,10 @@
 
 Every subcommand reports user errors (bad recipe, unknown model, adapter that does not fit) as one line on stderr
 and exits with status 2; a traceback means a bug in graftr.
+
+Start-up is kept short: nothing heavy (torch, transformers, datasets, DeepSpeed) is imported to build the parser,
+and a subcommand's module is imported only when that subcommand runs (``graftr --help`` lists them all without
+importing any).
 """
 
 from __future__ import annotations
@@ -145,15 +149,29 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graftr")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module (if it has one) is imported, to add its arguments."""
     parser = argparse.ArgumentParser(prog="graftr", description="graftr: trace a transformer, match a recipe, insert "
                                      "adapters, train them with DeepSpeed.")
+    parser.add_argument("--version", action="version", version=f"graftr {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' own warnings, logs and progress bars (DeepSpeed, torch, "
+                             "transformers, datasets), which graftr hides by default")
     # `deepspeed --module graftr.cli train ...` puts --local_rank=N before the subcommand (LOCAL_RANK says the same)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("apply", help="trace a model, match a recipe and insert its adapters; print the plan")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="the recipe YAML")
     p.add_argument("--model", help="hub id (local cache or bundled snapshot), model directory or config.json; "
                                    "default: the recipe's `model`")
     p.add_argument("--out", help="save the initial adapter to this directory")
@@ -163,20 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("inspect", help="list the sites a recipe can target (path, class, op, shape)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="hub id (local cache or bundled snapshot), model directory or "
+                                                  "config.json")
     p.add_argument("--filter", help="module path glob, e.g. 'model.layers.0.**'")
-    p.add_argument("--op", choices=("linear", "attention"))
+    p.add_argument("--op", choices=("linear", "attention"), help="only sites of this kind")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("validate", help="check recipes without building anything; report every error at once")
-    p.add_argument("recipes", nargs="+")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the recipe JSON Schema (for editor autocompletion)")
     p.add_argument("--out", help="write it to this file instead of stdout")
     p.set_defaults(func=cmd_schema)
 
-    _add_optional_commands(sub)
+    _add_module_commands(sub, command)
     return parser
 
 
@@ -188,27 +207,40 @@ COMMAND_MODULES = {
     "generate": ("graftr.generate", "generate text with a grafted model"),
     "eval": ("graftr.evaluate", "evaluate a grafted model: loss/perplexity or accuracy on a dataset, or lm-eval "
                                 "benchmarks (--tasks)"),
+    "plot": ("graftr.plot", "draw the train/eval loss (and accuracy) of one or more runs into a PNG"),
 }
 
 
-def _add_optional_commands(sub) -> None:
+def _add_module_commands(sub, command: str | None) -> None:
+    """Every module command is listed; only ``command``'s module is imported (for its arguments and ``main``)."""
     import importlib
 
     for name, (module_name, help_text) in COMMAND_MODULES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
         p = sub.add_parser(name, help=help_text)
-        module.add_arguments(p)
-        p.set_defaults(func=module.main)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(func=module.main)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option or an option's value)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--local_rank", "--local-rank"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
+    from graftr.quiet import quiet
+
+    quiet(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except GraftrError as e:

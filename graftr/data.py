@@ -15,6 +15,10 @@ format             tasks                       labels
 ``classification`` seq_cls                     one class id per example
 =================  ==========================  ===========================================================
 
+Without ``format`` the format is inferred from the train split's columns (:func:`infer_format`): ``messages`` is
+chat, ``instruction`` + ``output`` is alpaca, a text column + ``label`` is classification (for a seq_cls model),
+``text`` is text; the choice is reported in :attr:`DataInfo.notes`, and columns that fit two formats are an error.
+
 Examples with no learned token left (no assistant turn, a response truncated away) are dropped and counted in
 :attr:`DataInfo.notes`. Nothing is random except the ``eval_fraction`` split, which is seeded.
 """
@@ -83,7 +87,7 @@ class DataConfig(ConfigModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["alpaca", "chat", "text", "classification"]
+    format: Literal["alpaca", "chat", "text", "classification"] | None = None  # None: inferred from the columns
     train_split: str = "train"
     eval_split: str | None = "validation"  # None: no eval; a missing split is an error only when named explicitly
     max_length: int = Field(512, ge=1)  # tokens
@@ -102,7 +106,8 @@ class DataConfig(ConfigModel):
         # by value, not by whether the field was written: a resolved recipe (every default written out) reads back
         fields = type(self).model_fields
         for option, formats in _FORMAT_OPTIONS.items():
-            if getattr(self, option) != fields[option].default and self.format not in formats:
+            if self.format is not None and getattr(self, option) != fields[option].default and \
+                    self.format not in formats:
                 raise ValueError(f"{option} applies to format {' or '.join(formats)} only, not {self.format}")
         if self.packing and self.overlong != fields["overlong"].default:
             raise ValueError("overlong does not apply with packing (blocks are exactly max_length)")
@@ -142,6 +147,7 @@ class DataInfo:
     max_length_seen: int  # longest example (packing: longest document) in tokens, before truncation
     label_names: list[str] | None = None  # classification only
     notes: list[str] = field(default_factory=list)
+    config: DataConfig | None = None  # the config used, with the inferred format (and columns) filled in
 
     @property
     def num_labels(self) -> int | None:
@@ -245,6 +251,56 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+# --------------------------------------------------------------------------------------------- format inference
+
+# Text columns a classification set may have, single or paired (GLUE's task_to_keys), tried in this order.
+_CLASSIFICATION_TEXT = (("text", None), ("sentence", None), ("sentence1", "sentence2"), ("premise", "hypothesis"),
+                        ("question1", "question2"), ("question", "sentence"))
+
+
+def infer_format(columns: list[str], cfg: DataConfig, task: str, where: str) -> tuple[DataConfig, str | None]:
+    """``cfg`` with its ``format`` (and, for classification, its text columns) filled in from ``columns``.
+
+    Only the formats that fit ``task`` are candidates. Returns the config and a note saying what was chosen (None if
+    ``cfg`` named its format); no candidate, or more than one, is a :class:`GraftrError` asking for ``format``.
+    """
+    if cfg.format is not None:
+        return cfg, None
+    given = cfg.model_fields_set
+    present = set(columns)
+    found: dict[str, tuple[list[str], dict]] = {}  # format -> (the columns it reads, the fields to set)
+    if cfg.messages_column in present:
+        found["chat"] = ([cfg.messages_column], {})
+    if {"instruction", "output"} <= present:
+        found["alpaca"] = (["instruction", "output", *(["input"] if "input" in present else [])], {})
+    if cfg.label_column in present:
+        pairs = [(cfg.text_column, cfg.text_pair_column)] if "text_column" in given else _CLASSIFICATION_TEXT
+        for text, pair in pairs:
+            if text in present and (pair is None or pair in present):
+                fields = {"text_column": text, **({"text_pair_column": pair} if pair else {})}
+                found["classification"] = ([text, *([pair] if pair else []), cfg.label_column], fields)
+                break
+    if cfg.text_column in present:
+        found["text"] = ([cfg.text_column], {})
+    allowed = _FORMATS_BY_TASK.get(task, ())
+    fits = {name: value for name, value in found.items() if name in allowed}
+    if len(fits) == 1:
+        (name, (used, fields)), = fits.items()
+        chosen = DataConfig.model_validate({**cfg.model_dump(exclude_unset=True), **fields, "format": name})
+        return chosen, (f"data format {name} (inferred from the columns {', '.join(used)} of {where}; set "
+                        "train.data.format to choose another)")
+    expect = {"chat": f"'{cfg.messages_column}'", "alpaca": "'instruction' and 'output'",
+              "classification": f"a text column and '{cfg.label_column}'", "text": f"'{cfg.text_column}'"}
+    if not fits:
+        other = f" (they fit {', '.join(found)}, which task {task} cannot train)" if found else ""
+        raise GraftrError(f"cannot tell the data format of {where} from its columns ({', '.join(columns)}){other}: "
+                          f"for task {task} expect " + " or ".join(f"{expect[f]} ({f})" for f in allowed)
+                          + "; or set train.data.format")
+    raise GraftrError(f"the columns of {where} fit more than one data format: "
+                      + ", ".join(f"{name} ({', '.join(used)})" for name, (used, _) in fits.items())
+                      + f"; set train.data.format to one of {', '.join(fits)}")
+
+
 # --------------------------------------------------------------------------------------------- building
 
 
@@ -261,9 +317,15 @@ def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: 
     and integer labels ``0..max`` are named by their number (train and eval labels together).
     Sets ``tokenizer.pad_token`` to the eos token when it has none (noted in ``DataInfo.notes``).
     """
-    _check_task(cfg, tokenizer, task)
+    if task not in _FORMATS_BY_TASK:
+        raise GraftrError(f"the data pipeline does not support task '{task}' "
+                          f"(supported: {', '.join(_FORMATS_BY_TASK)})")
     raw = load_raw(source, cfg)
     notes: list[str] = []
+    cfg, note = infer_format(raw[cfg.train_split].column_names, cfg, task, f"split '{cfg.train_split}' of {source}")
+    if note:
+        notes.append(note)
+    _check_task(cfg, tokenizer, task)
     if note := _ensure_pad_token(tokenizer):
         notes.append(note)
     splits = _select_splits(raw, source, cfg, seed, notes)
@@ -284,15 +346,12 @@ def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: 
     train, evaluation = built[0], (built[1] if len(built) > 1 else None)
     info = DataInfo(num_train=len(train) if train else 0, num_eval=len(evaluation) if evaluation else 0,
                     train_tokens=train.num_tokens if train else 0, eval_tokens=evaluation.num_tokens if evaluation else 0,
-                    max_length_seen=longest, label_names=names, notes=notes)
+                    max_length_seen=longest, label_names=names, notes=notes, config=cfg)
     return train, evaluation, info
 
 
 def _check_task(cfg: DataConfig, tokenizer, task: str) -> None:
-    """Refuse a task without a pipeline, a format that does not fit the task, and a tokenizer that cannot serve."""
-    if task not in _FORMATS_BY_TASK:
-        raise GraftrError(f"the data pipeline does not support task '{task}' "
-                          f"(supported: {', '.join(_FORMATS_BY_TASK)})")
+    """Refuse a format that does not fit the task, and a tokenizer that cannot serve (the task has a pipeline)."""
     if cfg.format not in _FORMATS_BY_TASK[task]:
         raise GraftrError(f"data format '{cfg.format}' does not fit task '{task}' "
                           f"(use format {' or '.join(_FORMATS_BY_TASK[task])})")

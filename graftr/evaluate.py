@@ -110,9 +110,6 @@ def data_config(recipe, overrides: list[str], split: str | None):
         apply_override(fields, keys[1:], value, item)
     if split is not None:
         fields["eval_split"] = split
-    if "format" not in fields:
-        raise GraftrError("the adapter's recipe has no train.data section; pass data.format=... "
-                          "(alpaca, chat, text or classification)")
     try:
         return DataConfig.model_validate(fields)
     except ValidationError as e:

@@ -51,14 +51,15 @@ class Base:
 def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, console=None) -> Base:
     """Resolve the base (``model_arg``, else the adapter's recorded base) and check the adapter against its config.
     ``weights`` says whether the caller will read the base's weights (only the hint of a missing ``--model``)."""
-    from graftr.formats.graftr import RECIPE, check_made_for, read_manifest
+    from graftr.formats.graftr import RECIPE, adapter_dir, check_made_for, read_manifest
     from graftr.formats.peft import FROM_TASK_TYPE, peft_adapter_config, peft_num_labels
     from graftr.models import infer_task, resolve
     from graftr.recipe import load_recipe
 
     manifest = recipe = peft = None
     if adapter is not None:
-        path = Path(adapter)
+        path = adapter_dir(adapter)
+        adapter = str(path)
         if not path.is_dir():
             raise AdapterLoadError(f"adapter directory {adapter} does not exist")
         peft = peft_adapter_config(path)
@@ -74,6 +75,8 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
         hint = "a model directory with weights or a cached hub id" if weights else \
             "a model directory, a config.json or a hub id"
         raise GraftrError(f"{what}: pass --model ({hint})")
+    if not model_arg and adapter is not None:  # recorded relative to where training ran: try the adapter's place
+        model_id = _recorded_base(model_id, Path(adapter))
     source = resolve(model_id)
     if console is not None and source.note:
         console.print(f"[yellow]note:[/] {source.note}")
@@ -85,6 +88,18 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
     num_labels = ((recipe.num_labels if recipe else None) or (len(labels) if labels else None)
                   or (peft_num_labels(adapter, peft) if peft is not None else None))
     return Base(source, task, num_labels, labels, recipe, manifest, peft)
+
+
+def _recorded_base(model_id: str, adapter: Path) -> str:
+    """A base an adapter recorded as a relative path (older adapters; a recipe's relative ``model``), resolved from
+    the working directory, else against the adapter's recipe (its directory) and the run directory holding it."""
+    path = Path(model_id).expanduser()
+    if path.is_absolute() or path.exists():
+        return model_id
+    for folder in (adapter, adapter.parent):
+        if (folder / path / "config.json").is_file() or (folder / path).is_file():
+            return str((folder / path).resolve())
+    return model_id  # a hub id (or a path that is nowhere: resolve says so)
 
 
 def graft_adapter(model: nn.Module, adapter: str, base: Base):

@@ -61,6 +61,30 @@ def _closest(rule, sites) -> str:
     return ", ".join(close[:5]) or ", ".join(paths[:5]) or "(the model has no such sites)"
 
 
+def _layers_problem(rule, recipe, error: MatchError) -> str:
+    """The message for a ``layers`` selection the model is too shallow for: the rule, its line, the relative form.
+
+    A fixed count (``last: 30``, Llama-2-7B's setting) written for the recipe's own model gets the ``last_fraction``
+    of that model's depth (read from its config, which graftr bundles for the common models) as the fix.
+    """
+    where = f"{rule._origin}: " if rule._origin else ""
+    layers = rule.match.layers
+    fix = "write layers: {last_fraction: F} to take the last share F of the layers on any depth"
+    count = layers.last or layers.first
+    if layers.last is not None and recipe.model:
+        try:
+            from graftr.models import resolve
+
+            config = resolve(recipe.model).config
+            depth = getattr(config.get_text_config(), "num_hidden_layers", None)
+        except Exception:  # the recipe's model is not available here: offer the form without a value
+            depth = None
+        if depth and count <= depth:
+            fix = (f"write layers: {{last_fraction: {count / depth:g}}} to take the same share ({count} of the {depth} "
+                   f"layers of {recipe.model}, the recipe's model) on any depth")
+    return f"{where}rule {rule.name!r}: {error}; {fix}"
+
+
 def match(index: SiteIndex, recipe) -> list[RulePlan]:
     """Annotate: tag every site each rule selects (tags of an earlier match are dropped first) and return the plan.
     Raises :class:`MatchError` for a rule matching nothing."""
@@ -73,7 +97,10 @@ def match(index: SiteIndex, recipe) -> list[RulePlan]:
             raise MatchError(f"rule {rule.name!r}: adapter kind {kind.name!r} attaches to {'/'.join(kind.ops)} "
                              f"sites, but the rule selects op: {rule.match.op}")
         pool = index.of_ops(kind.ops)
-        selected = [s for s in pool if rule.match.accepts(s, index.stack_sizes)]
+        try:
+            selected = [s for s in pool if rule.match.accepts(s, index.stack_sizes)]
+        except MatchError as e:
+            raise MatchError(_layers_problem(rule, recipe, e)) from None
         if not selected:
             other = [s for s in index.all() if s not in pool and rule.match.accepts(s, index.stack_sizes)]
             hint = (f"; it would select {len(other)} {other[0].op} site(s), which {kind.name!r} cannot attach to"

@@ -16,10 +16,12 @@ current registry. :func:`parse_recipe` reports every problem at once, each with 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
@@ -129,6 +131,14 @@ class Rule(ConfigModel):
     description: str = ""
     match: Match
     adapter: AdapterConfig = Field(description="adapter config; `kind` picks one of the registered adapter kinds")
+
+    # "recipes/x.yaml:14": where the rule's layers (else the rule) is written, for errors found when matching
+    _origin: str | None = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:  # the same rule wherever it was written (not by _origin)
+        if not isinstance(other, Rule):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
 
 
 class Recipe(ConfigModel):
@@ -252,6 +262,14 @@ def parse_recipe(text: str, source: str = "<string>", overrides: list[str] | tup
     if problems:
         raise RecipeError("\n".join(f"{origin}: {where}: {message}" for _, origin, where, message in
                                     sorted(problems, key=lambda p: p[0])))
+    return remember_origins(recipe, root, source)
+
+
+def remember_origins(recipe: Recipe, root: yaml.Node, source: str) -> Recipe:
+    """Record on each rule the file and line of its ``layers`` (else of the rule), for errors found when matching."""
+    for i, rule in enumerate(recipe.rules):
+        line, _ = _locate(root, ("rules", i, "match", "layers") if rule.match.layers else ("rules", i))
+        rule._origin = f"{source}:{line}"
     return recipe
 
 
@@ -287,11 +305,53 @@ def _problem(root: yaml.Node, error: dict) -> tuple[int, str, str]:
         loc += ("kind",)
         tag = error["ctx"].get("tag")
         what = f"unknown adapter kind {tag!r}" if tag is not None else "missing adapter kind"
+        close = _closest_word(tag, registry.kinds())
+        what += f" (did you mean {close!r}?)" if close else ""
         message = f"{what}; registered kinds: {', '.join(sorted(registry.kinds()))}"
+    elif error["type"] == "extra_forbidden":
+        close = _closest_word(loc[-1], _keys_at(loc[:-1]))
+        message += f"; did you mean {close!r}?" if close else ""
     value = error["input"]
     if isinstance(value, (str, int, float, Boolean)) and error["type"] != "extra_forbidden" and repr(value) not in message:
         message += f", got {value!r}"
     return (*_locate(root, loc), message)
+
+
+def _closest_word(word: Any, choices) -> str | None:
+    """The key or kind a misspelt ``word`` most likely meant (``rnak`` → ``rank``), or None."""
+    if not isinstance(word, str):
+        return None
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys the recipe model accepts in the mapping at ``loc`` (``("rules", 0, "adapter", "ina")``)."""
+    def unwrap(tp: Any) -> Any:
+        while True:
+            if get_origin(tp) is Annotated:
+                tp = get_args(tp)[0]
+            elif get_origin(tp) in (Union, types.UnionType):
+                members = [a for a in get_args(tp) if a is not type(None)]
+                if len(members) != 1:
+                    return tp  # a union of adapter configs: the kind tag in the location picks one
+                tp = members[0]
+            else:
+                return tp
+
+    tp: Any = recipe_model()
+    for part in loc:
+        tp = unwrap(tp)
+        if isinstance(part, int) and get_origin(tp) is list:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType) and part in registry.kinds():
+            tp = registry.kinds()[part].config_cls
+        elif isinstance(tp, type) and issubclass(tp, ConfigModel) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        else:
+            return []
+    tp = unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, ConfigModel) else []
 
 
 def _locate(root: yaml.Node, loc: tuple) -> tuple[int, str]:

@@ -25,7 +25,7 @@ import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Union, get_args
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union, get_args
 
 from pydantic import ConfigDict, Field
 
@@ -35,10 +35,39 @@ from graftr.errors import GraftrError
 SITE_OPS = ("linear", "attention")
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """How a kind's paper or official code trains it: what ``graftr train`` uses for the ``train:`` fields a recipe
+    leaves unset (``lr``, ``lr_schedule``, warmup, ``weight_decay``). ``source`` cites where the values come from.
+
+    ``per_batch`` makes ``lr`` a base rate scaled by the global batch (LLaMA-Adapter's
+    ``lr = blr × batch / 256``): the run's lr is ``lr × global batch / per_batch``.
+    """
+
+    lr: float
+    source: str
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    per_batch: int | None = None
+
+    def lr_for(self, global_batch: int) -> float:
+        return self.lr * global_batch / self.per_batch if self.per_batch else self.lr
+
+    def describe(self, global_batch: int) -> str:
+        rate = f"{self.lr:g} × batch {global_batch} / {self.per_batch}" if self.per_batch else f"{self.lr:g}"
+        return f"{rate}, {self.lr_schedule}, warmup {self.warmup_ratio:g} of the steps, weight decay " \
+               f"{self.weight_decay:g}: {self.source}"
+
+
 class AdapterConfig(ConfigModel):
-    """Base of every adapter kind's config. Subclasses add ``kind: Literal["..."]`` and their options."""
+    """Base of every adapter kind's config. Subclasses add ``kind: Literal["..."]`` and their options.
+
+    A kind may set ``training_defaults`` (a :class:`TrainingDefaults`) so recipes using it train without ``lr``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    training_defaults: ClassVar[TrainingDefaults | None] = None
 
 
 @dataclass(frozen=True)

@@ -90,15 +90,19 @@ def _translate(glob: str, bad) -> str:
 
 
 class LayerSelect(ConfigModel):
-    """Which layers of each layer stack a rule applies to: exactly one of ``first``, ``last``, ``indices``, ``range``.
+    """Which layers of each layer stack a rule applies to: exactly one of ``first``, ``last``, ``last_fraction``,
+    ``indices``, ``range``.
 
     Selection is per stack, so ``last: 2`` on T5 picks the last two encoder blocks and the last two decoder blocks.
+    ``last_fraction`` is the relative form: the same share of the layers on any depth (``0.9375`` is 30 of 32).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"minProperties": 1, "maxProperties": 1})
 
     first: int | None = Field(None, ge=1, description="the first N layers")
     last: int | None = Field(None, ge=1, description="the last N layers")
+    last_fraction: float | None = Field(None, gt=0, le=1, description="the last round(F × layers) layers (at least "
+                                        "one), for any depth: 0.9375 is 30 of 32")
     indices: list[int] | None = Field(None, min_length=1, description="layer indices; negative ones count from the end")
     range: tuple[int, int] | None = Field(None, description="[start, stop): layers start, ..., stop - 1")
 
@@ -107,7 +111,8 @@ class LayerSelect(ConfigModel):
         given = [name for name in type(self).model_fields if getattr(self, name) is not None]
         if len(given) != 1:
             given_text = ", ".join(given) or "none"
-            raise ValueError(f"layers takes exactly one of first, last, indices, range; got {given_text}")
+            raise ValueError(f"layers takes exactly one of first, last, last_fraction, indices, range; got "
+                             f"{given_text}")
         if self.range is not None and not 0 <= self.range[0] < self.range[1]:
             raise ValueError(f"layers range [start, stop) needs 0 <= start < stop, got {list(self.range)}")
         return self
@@ -131,6 +136,8 @@ class LayerSelect(ConfigModel):
                 if not -n_layers <= i < n_layers:
                     raise ValueError(f"layer index {i} is out of range for a stack of {n_layers} layers")
             return {i % n_layers for i in self.indices}
+        if self.last_fraction is not None:
+            return set(range(n_layers - max(1, round(self.last_fraction * n_layers)), n_layers))
         start, stop = self.range or ((0, self.first) if self.first else (n_layers - self.last, n_layers))
         if start < 0 or stop > n_layers:
             raise ValueError(f"{self.describe()} but the stack has only {n_layers} layers")

@@ -157,7 +157,7 @@ def test_layer_select_too_short_a_stack(form, message):
 
 
 @pytest.mark.parametrize("form, message", [
-    ({}, "exactly one of first, last, indices, range; got none"),
+    ({}, "exactly one of first, last, last_fraction, indices, range; got none"),
     ({"first": 1, "last": 1}, "got first, last"),
     ({"first": 0}, "greater than or equal to 1"),
     ({"last": -1}, "greater than or equal to 1"),
@@ -286,7 +286,7 @@ def test_every_problem_at_once_with_lines():
         "r.yaml:9: rules[1].name: String should match pattern '^[A-Za-z_][A-Za-z0-9_]*$', got 'b-c'",
         "r.yaml:10: rules[1].match: match needs at least one of path, module_class, op "
         "(layers and exclude only narrow)",
-        "r.yaml:13: rules[1].adapter.lenght: Extra inputs are not permitted",
+        "r.yaml:13: rules[1].adapter.lenght: Extra inputs are not permitted; did you mean 'length'?",
         "r.yaml:15: rules[2].match.path[0]: bad glob 'a{b': unclosed '{'",
         "r.yaml:17: rules[2].colour: Extra inputs are not permitted",
     ]
@@ -295,7 +295,7 @@ def test_every_problem_at_once_with_lines():
 def test_unknown_top_level_key_and_wrong_type():
     assert problems("name: x\nrule: []\nnum_labels: many\n") == [
         "r.yaml:1: rules: Field required",
-        "r.yaml:2: rule: Extra inputs are not permitted",
+        "r.yaml:2: rule: Extra inputs are not permitted; did you mean 'rules'?",
         "r.yaml:3: num_labels: Input should be a valid integer, unable to parse string as an integer, got 'many'",
     ]
 

@@ -202,7 +202,7 @@ data: {format: classification, text_column: premise, text_pair_column: hypothesi
                       "--out", str(tmp_path / "run"))
     assert "training 194 of" in text  # IA³ on key and value (2 × 2 × 32) and the head (32 × 2 + 2)
     log, evals = records(tmp_path / "run"), records(tmp_path / "run", "eval")
-    assert [r["step"] for r in log] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in log] == [2, 4, 6] and [r["step"] for r in evals] == [0, 3, 6]  # 0: the base
     assert log[-1]["loss"] < log[0]["loss"]
     assert evals[-1]["loss"] < log[0]["loss"]  # the eval split is the train split: trained on it
     assert set(evals[-1]) == {"kind", "step", "loss", "accuracy"}
@@ -282,7 +282,8 @@ def test_two_processes_equal_one(zero_runs, stage):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
     assert all(r["grad_norm"] > 0.03 for r in one)  # clipping acted, on the norm over both processes' partitions
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
-    (eval_one,), (eval_two,) = records(out / "one", "eval"), records(out / f"zero{stage}", "eval")
+    (base_one, eval_one), (base_two, eval_two) = records(out / "one", "eval"), records(out / f"zero{stage}", "eval")
+    assert base_one["step"] == base_two["step"] == 0 and base_two["loss"] == pytest.approx(base_one["loss"], rel=1e-6)
     assert eval_two["loss"] == pytest.approx(eval_one["loss"], rel=1e-6)
     a, b = adapter_tensors(out / "one"), adapter_tensors(out / f"zero{stage}")
     assert sorted(a) == sorted(b) and len(a) == 2 * 2 + 2 * 2 + 2  # ia3 k/v, ina A/B per layer, prompt + gate
@@ -519,12 +520,12 @@ def test_bad_data_and_settings(root, tmp_path, capsys, case, message):
     assert message.format(data=data) in error
 
 
-def test_recipe_without_train_section(tmp_path, capsys):
+def test_recipe_without_train_section(root, tmp_path, capsys):
+    """Every train: field has a default (tests/test_first_hour.py trains the shipped recipes that have none)."""
     path = tmp_path / "plain.yaml"
     path.write_text(f"name: plain\nrules:\n  - {CLS_RULE}\n")
-    assert cli_error(capsys, ["train", str(path), "--data", "x.jsonl"]) == (f"error: {path} has no train: section "
-                                                                           "(data format, lr, max_steps or epochs); "
-                                                                           "add one or pass train.* overrides")
+    assert cli_error(capsys, ["train", str(path), "--model", str(root / "bert"), "--data", "x.jsonl"]) == (
+        "error: data file not found: x.jsonl")
 
 
 def test_user_deepspeed_config(tmp_path):
@@ -549,5 +550,5 @@ def test_user_deepspeed_config(tmp_path):
 
 def test_the_deepspeed_launcher_rank_argument_is_accepted():
     """``deepspeed --module graftr.cli train ...`` (without --no_local_rank) puts --local_rank=N first."""
-    args = cli.build_parser().parse_args(["--local_rank=1", "train", "r.yaml", "--data", "d", "train.max_steps=2"])
+    args = cli.build_parser("train").parse_args(["--local_rank=1", "train", "r.yaml", "--data", "d", "train.max_steps=2"])
     assert (args.command, args.recipe, args.overrides) == ("train", "r.yaml", ["train.max_steps=2"])

@@ -1,12 +1,40 @@
-"""Print one of the README's two set-up commands (``demo`` or ``test``), so CI runs exactly what users read.
+"""The command lines the README and the docs show, so tests (and CI) run exactly what users read.
 
-The README opens with a fenced ``bash`` block holding two lines: the demo command, then the test command.
+``python tools/readme_commands.py demo|test`` prints one of the README's two set-up commands: the README opens
+with a fenced ``bash`` block holding two lines, the demo command, then the test command.
+
+``python tools/readme_commands.py list [FILE ...]`` prints every command of the fenced ``bash`` blocks of the
+README and ``docs/*.md`` (or of FILEs), one per line, with what :func:`runnable` says of it: ``run`` or
+``skip: <reason>``. A command continued with ``\\`` or carrying a here-document (``<<'EOF'`` ... ``EOF``) is one
+command. ``tests/test_docs_commands.py`` runs the ``run`` ones in a fresh copy of the repository.
 """
 
+from __future__ import annotations
+
+import re
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+
+_BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_HEREDOC = re.compile(r"<<-?\s*'?\"?(\w+)'?\"?")
+# the one set-up prefix of the README's first block: a fresh venv and the install (a test runs in one already)
+SETUP = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install [^&]*&& pip install [^&]*&& ")
+# commands that cannot run on a machine without GPUs, a second node or hub weights, and why
+SKIP = [
+    (re.compile(r"shared/fixtures|ina-cola"), "the published InA fixture lies outside the repository (tests/"
+                                              "test_peft_interop.py converts it)"),
+    (re.compile(r"--hostfile|/shared/"), "an example for several nodes (paths and hosts of a cluster)"),
+    (re.compile(r"--nproc|^deepspeed |^torchrun "), "several processes: tests/test_train.py runs them (slow tests)"),
+    (re.compile(r"train\.compile=true"), "torch.compile: tests/test_train.py compares it with eager (slow test)"),
+    (re.compile(r"^python tools/bench\.py"), "a benchmark (minutes of CPU; tests/test_bench.py runs its smoke test)"),
+    (re.compile(r"^python -m pytest"), "the test suite itself"),
+    (re.compile(r"^(graftr (train|merge|generate|eval)\b).*--model meta-llama/"), "needs the Llama-2-7B weights"),
+    (re.compile(r"\.\./shared/fixtures|/work/shared/fixtures"), "reads the published InA fixture outside the repository"),
+]
 
 
 def commands() -> dict[str, str]:
@@ -18,7 +46,53 @@ def commands() -> dict[str, str]:
     return {"demo": lines[0], "test": lines[1]}
 
 
+def doc_commands(path: Path) -> list[str]:
+    """The commands of ``path``'s fenced bash blocks, in order (continuations and here-documents joined)."""
+    found = []
+    for block in _BLOCK.findall(path.read_text()):
+        lines = block.splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            i += 1
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            command = [line]
+            while command[-1].endswith("\\") and i < len(lines):
+                command.append(lines[i])
+                i += 1
+            heredoc = _HEREDOC.search(command[0])
+            if heredoc:
+                while i < len(lines):
+                    command.append(lines[i])
+                    i += 1
+                    if lines[i - 1].strip() == heredoc.group(1):
+                        break
+            found.append("\n".join(command))
+    return found
+
+
+def runnable(command: str) -> str | None:
+    """None if the command runs here (offline, CPU, one node), else why not."""
+    for pattern, reason in SKIP:
+        if pattern.search(command):
+            return reason
+    return None
+
+
+def without_setup(command: str) -> str:
+    """The README's set-up line without the venv and install part (the test runs inside an installed venv)."""
+    return SETUP.sub("", command)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("demo", "test"):
-        raise SystemExit("usage: readme_commands.py demo|test")
-    print(commands()[sys.argv[1]])
+    if len(sys.argv) == 2 and sys.argv[1] in ("demo", "test"):
+        print(commands()[sys.argv[1]])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "list":
+        for doc in [Path(p) for p in sys.argv[2:]] or DOCS:
+            for command in doc_commands(doc):
+                reason = runnable(command)
+                print(f"{doc.relative_to(ROOT) if doc.is_absolute() else doc}: {'run' if reason is None else 'skip: ' + reason}: "
+                      + command.replace("\n", "\\n"))
+    else:
+        raise SystemExit("usage: readme_commands.py demo|test | list [FILE ...]")

@@ -48,7 +48,7 @@ from graftr.adapters.base import Adapter, _tag
 from graftr.adapters.prompts import Hypernetwork, SharedMLP
 from graftr.errors import GraftrError
 from graftr.names import DTYPES
-from graftr.registry import AdapterConfig, register_adapter
+from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
 from graftr.sites import SOFTMAX_OPS
 
 _EMBEDDING_DIM = {"hypernetwork": 64, "shared_mlp": 256}  # the official code's widths of E and of the table rows
@@ -56,6 +56,11 @@ _GENERATOR_FIELDS = ("embedding_dim", "hidden", "activation")
 
 
 class GatedPromptConfig(AdapterConfig):
+    # the official Alpaca run (LLaMA-Adapter alpaca_finetuning_v1, finetuning.py and util/lr_sched.py; the same in
+    # Diep et al.'s finetune_llama_non_linear.sh): base lr 9e-3 scaled by batch/256, 2 warm-up epochs of 5 then a
+    # half-cycle cosine to 0, AdamW weight decay 0.02
+    training_defaults = TrainingDefaults(lr=9e-3, per_batch=256, lr_schedule="cosine", warmup_ratio=0.4,
+                                         weight_decay=0.02, source="LLaMA-Adapter's official Alpaca run")
     kind: Literal["gated_prompt"] = "gated_prompt"
     length: int = Field(10, ge=1, description="L, prompt tokens per attention block")
     prompt: Literal["linear", "hypernetwork", "shared_mlp"] = Field(

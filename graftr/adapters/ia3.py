@@ -18,10 +18,13 @@ import torch
 from torch import nn
 
 from graftr.adapters.base import LinearAdapter
-from graftr.registry import AdapterConfig, register_adapter
+from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
 
 
 class IA3Config(AdapterConfig):
+    # T-Few (r-three/t-few configs/ia3.json and src/utils/Config.py): lr 3e-3, linear decay with 6% warmup, no decay
+    training_defaults = TrainingDefaults(lr=3e-3, lr_schedule="linear", warmup_ratio=0.06,
+                                         source="IA³'s T-Few recipe (Liu et al. 2022)")
     kind: Literal["ia3"] = "ia3"
     scale: Literal["output", "input"] = "output"
     """``output`` for attention-type sites, ``input`` for feed-forward sites (PEFT's ``feedforward_modules``)."""

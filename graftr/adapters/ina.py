@@ -36,7 +36,7 @@ from torch import nn
 from graftr.adapters.base import LinearAdapter
 from graftr.errors import MergeError
 from graftr.names import DTYPES
-from graftr.registry import AdapterConfig, register_adapter
+from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
 
 ACTIVATIONS = {
     "leaky_relu": lambda t: F.leaky_relu(t, negative_slope=0.01),  # the official code
@@ -49,6 +49,10 @@ ACTIVATIONS = {
 
 
 class InAConfig(AdapterConfig):
+    # the official GLUE commands (InA_GLUE.batch: run_glue.py without --learning_rate) train with HF
+    # TrainingArguments' defaults: lr 5e-5, linear decay, no warmup, no weight decay
+    training_defaults = TrainingDefaults(lr=5e-5, lr_schedule="linear",
+                                         source="InA's official GLUE commands (run_glue.py, HF Trainer defaults)")
     kind: Literal["ina"] = "ina"
     rank: int = Field(8, ge=1, description="r, the inner dimension")
     alpha: float = Field(16, gt=0, description="the branch is scaled by s = alpha / rank")

@@ -30,10 +30,13 @@ def is_peft(path) -> bool:
 def load_adapter(model, path, *, peft: bool | None = None):
     """Graft ``model`` with the adapter in ``path`` and load its tensors; returns the :class:`GraftedModel`.
 
-    ``path`` is a graftr adapter directory, or an HF PEFT adapter directory, which
-    :func:`graftr.formats.peft.import_peft` translates. ``peft`` says which, when the caller has read it already."""
+    ``path`` is a graftr adapter directory, a run directory of ``graftr train`` (its ``adapter/`` is read), or an HF
+    PEFT adapter directory, which :func:`graftr.formats.peft.import_peft` translates. ``peft`` says which, when the
+    caller has read it already."""
     from graftr.formats import graftr as native
     from graftr.formats.peft import import_peft
+
+    path = native.adapter_dir(path)
 
     if peft is None:
         peft = is_peft(path)

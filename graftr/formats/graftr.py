@@ -12,6 +12,7 @@ a crash never leaves a half-written adapter and never destroys the previous one)
 from __future__ import annotations
 
 import json
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -24,6 +25,43 @@ from graftr.formats.files import check_fit, read_json_object, real_tensors, writ
 FORMAT = "graftr-adapter"
 FORMAT_VERSION = 1
 TENSORS, RECIPE, MANIFEST = "adapter.safetensors", "recipe.yaml", "manifest.json"
+ADAPTER = "adapter"  # graftr train writes RUN_DIR/adapter
+
+
+def adapter_dir(path) -> Path:
+    """``path``, or ``path/adapter`` when ``path`` is a run directory of ``graftr train`` (its adapter inside)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file() and (path / ADAPTER / MANIFEST).is_file():
+        return path / ADAPTER
+    return path
+
+
+def base_reference(model_id: str | None) -> str | None:
+    """What an adapter records as its base: the absolute path of a local model (so the adapter works from any
+    directory, and after its run directory moves), else the hub id."""
+    if model_id is None:
+        return None
+    path = Path(model_id).expanduser()
+    return str(path.resolve()) if path.exists() else model_id
+
+
+def _user_modules(recipe) -> dict[str, Path]:
+    """The recipe's ``imports:`` that are single module files outside any installed location (a ``my_kinds.py``
+    beside the recipe), by file name: they are copied next to the adapter, which imports them from there."""
+    import sys
+    import sysconfig
+
+    installed = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+    found = {}
+    for name in recipe.imports:
+        module = sys.modules.get(name)
+        file = Path(getattr(module, "__file__", None) or "")
+        if "." in name or file.suffix != ".py" or file.name == "__init__.py" or not file.is_file():
+            continue  # a package (installed or on the path) is imported as it is
+        if any(parent in installed for parent in file.resolve().parents):
+            continue
+        found[file.name] = file
+    return found
 # config fields that must agree between the base an adapter was made on and the one it is loaded onto
 _STRUCTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "vocab_size", "d_model", "num_layers", "n_embd", "n_layer", "n_head")
@@ -53,13 +91,17 @@ def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, t
                            "load real weights to save trainable base modules")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
-        "base_model": gm.model_id, "base_class": gm.hf_class, "task": gm.task,
+        "base_model": base_reference(gm.model_id), "base_class": gm.hf_class, "task": gm.task,
         "base_config": gm.hf_config.to_dict(),
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
         **(extra or {}),
     }
 
+    modules = _user_modules(gm.recipe)
+
     def write(tmp: Path) -> None:
+        for name, file in modules.items():  # a user kind's module travels with the adapter
+            shutil.copyfile(file, tmp / name)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         (tmp / RECIPE).write_text(dump_recipe(gm.recipe))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -124,7 +166,7 @@ def load_adapter(model, path):
     from graftr.grafted import GraftedModel, graft
     from graftr.recipe import load_recipe
 
-    path = Path(path)
+    path = adapter_dir(path)
     manifest = read_manifest(path)
     for f in (TENSORS, RECIPE):
         if not (path / f).is_file():

@@ -76,9 +76,10 @@ def main(args) -> int:
     from graftr.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.train is None:
-        raise GraftrError(f"{args.recipe} has no train: section (data format, lr, max_steps or epochs); "
-                          "add one or pass train.* overrides")
+    if recipe.train is None:  # every field has a default: the format from the data, lr from the adapter kinds
+        from graftr.train.config import TrainConfig
+
+        recipe.train = TrainConfig()
     if args.nproc is not None and args.nproc < 1:
         raise GraftrError(f"--nproc must be >= 1, got {args.nproc}")
     multi = [flag for flag, value in (("--num-nodes", args.num_nodes), ("--hostfile", args.hostfile),

@@ -9,6 +9,11 @@
       zero_stage: 2
       data: {format: classification, text_column: sentence, max_length: 64}
 
+Every field has a default, so a recipe without a ``train:`` section trains too: the data format is inferred from
+the data's columns (:func:`graftr.data.infer_format`), the length is 3 epochs (HF Trainer's default), and ``lr``,
+``lr_schedule``, warmup and ``weight_decay`` left unset come from the adapter kind's paper or official code
+(:class:`graftr.registry.TrainingDefaults`, resolved by :func:`resolve_defaults` once the global batch is known).
+
 Optimizer and schedule are built by graftr, not by DeepSpeed: ``torch.optim.AdamW`` (weight decay on matrices
 only) and a ``LambdaLR`` warmup + decay are handed to ``deepspeed.initialize`` as client objects. That needs no
 compiled DeepSpeed op (DeepSpeed's own ``AdamW`` would JIT-build ``cpu_adam``/``fused_adam``), runs the same under
@@ -31,6 +36,7 @@ from graftr.data import DataConfig
 from graftr.errors import GraftrError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_EPOCHS = 3  # when neither max_steps nor epochs is set (HF Trainer's num_train_epochs default)
 # DeepSpeed keys graftr sets from the recipe and also reads itself (batching, optimizer, schedule, the ZeRO stage
 # that decides outlining and compile): a user JSON may not change them, or graftr and the DeepSpeed engine would
 # disagree. Dotted keys are nested.
@@ -51,14 +57,19 @@ class TrainConfig(ConfigModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: DataConfig = Field(description="the data pipeline: format, columns, splits, max_length")
-    lr: float = Field(gt=0, description="peak learning rate (after warmup)")
+    data: DataConfig = Field(default_factory=DataConfig,
+                             description="the data pipeline: format (default: inferred from the columns), columns, "
+                             "splits, max_length")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (after warmup); default: the adapter "
+                             "kind's, from its paper or official code")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps to run; wins over epochs")
-    epochs: int | None = Field(None, ge=1, description="passes over the train split (used when max_steps is unset)")
+    epochs: int | None = Field(None, ge=1, description="passes over the train split (used when max_steps is unset; "
+                               f"default {DEFAULT_EPOCHS} when neither is set)")
     micro_batch_size: int = Field(8, ge=1, description="examples per process and forward pass")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "linear", description="decay after warmup: constant, linear to 0, or cosine to 0")
+        "linear", description="decay after warmup: constant, linear to 0, or cosine to 0 (default: the adapter "
+        "kind's, else linear)")
     warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from lr/warmup_steps to lr")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warmup as a fraction of all steps "
                                        "(instead of warmup_steps)")
@@ -85,9 +96,7 @@ class TrainConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set max_steps or epochs (how long to train)")
-        if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set:
+        if self.warmup_ratio is not None and self.warmup_steps:  # by value: a resolved recipe writes both out
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if self.offload != "none" and self.zero_stage == 0:
             raise ValueError(f"offload: {self.offload} needs zero_stage 1, 2 or 3 (stage 0 keeps no partitions)")
@@ -116,8 +125,54 @@ class TrainConfig(ConfigModel):
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run: ``max_steps`` if set, else ``epochs`` full passes."""
-    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    """Optimizer steps of the run: ``max_steps`` if set, else ``epochs`` (default 3) full passes."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch
+
+
+# the fields a kind's TrainingDefaults fill when the recipe leaves them unset
+_DEFAULTED = ("lr", "lr_schedule", "weight_decay")
+
+
+def resolve_defaults(cfg: TrainConfig, adapter_configs: list, global_batch: int) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with the unset ``lr``, ``lr_schedule``, warmup and ``weight_decay`` taken from the recipe's adapter
+    kinds (:class:`graftr.registry.TrainingDefaults`), and a note naming what was taken and from where (None when the
+    recipe set ``lr`` and nothing was taken).
+
+    Kinds with different defaults, or none with any, need ``train.lr`` (an error says so); a kind without defaults
+    beside kinds that have them trains with theirs (LLaMA-Adapter V2's scale_bias with the gated prompts').
+    """
+    unset = [name for name in _DEFAULTED if name not in cfg.model_fields_set]
+    warmup_unset = "warmup_steps" not in cfg.model_fields_set and "warmup_ratio" not in cfg.model_fields_set
+    if cfg.lr is not None and not unset and not warmup_unset:
+        return cfg, None
+    by_kind = {type(c).model_fields["kind"].default: type(c).training_defaults for c in adapter_configs}
+    missing = sorted(name for name, d in by_kind.items() if d is None)
+    known = {d for d in by_kind.values() if d is not None}
+    if not known:
+        if cfg.lr is None:
+            raise GraftrError(f"adapter kind {', '.join(map(repr, missing))} has no default learning rate: set "
+                              "train.lr in the recipe or pass train.lr=VALUE")
+        return cfg, None
+    if len(known) > 1:
+        if cfg.lr is None:
+            raise GraftrError("the recipe's adapter kinds train with different default learning rates ("
+                              + ", ".join(f"{name} {d.lr:g}" for name, d in sorted(by_kind.items()) if d)
+                              + "): set train.lr in the recipe or pass train.lr=VALUE")
+        return cfg, None  # lr given; the generic defaults of the other fields apply
+    # one set of defaults; a kind without its own (scale_bias beside LLaMA-Adapter's prompts) trains with it
+    defaults = known.pop()
+    update: dict[str, Any] = {name: getattr(defaults, name) for name in unset if name != "lr"}
+    if cfg.lr is None:
+        update["lr"] = defaults.lr_for(global_batch)
+    if warmup_unset:
+        update["warmup_ratio"] = defaults.warmup_ratio
+    resolved = type(cfg).model_validate({**cfg.model_dump(exclude_unset=True), **update})
+    kind = ", ".join(sorted(name for name, d in by_kind.items() if d is not None))
+    what = "defaults" if cfg.lr is None else "schedule defaults (train.lr is the recipe's)"
+    others = f" ({', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none of its own)" if missing else ""
+    return resolved, f"{kind} {what}{others}: lr {defaults.describe(global_batch)}"
 
 
 def warmup(cfg: TrainConfig, total: int) -> int:

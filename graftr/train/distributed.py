@@ -12,6 +12,8 @@ modules) one by one into full CPU copies, under any ZeRO stage or none.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import sys
@@ -47,9 +49,13 @@ def init_distributed() -> tuple[int, int, int]:
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
 
+    from graftr.quiet import is_verbose
+
     ds_logger.setLevel("WARNING")  # DeepSpeed's INFO lines would interleave with the progress bar
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               auto_mpi_discovery=False, verbose=False)
+    # on CPU it prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every start
+    with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   auto_mpi_discovery=False, verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if get_accelerator().device_name() == "cpu":
         _unlink_shm_allreduce_buffer(rank, world)

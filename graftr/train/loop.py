@@ -81,6 +81,8 @@ class Run:
     world: int
     say: Callable[..., None]  # prints on rank 0 only
     started: float = field(default_factory=time.perf_counter)
+    defaults: str | None = None  # which train: settings came from the adapter kinds' papers (the start line says)
+    title: str = ""  # of the run's plot: "<recipe> on <model>"
 
     @property
     def main(self) -> bool:
@@ -171,6 +173,29 @@ def starting_point(run: Run, resume: bool) -> Path | None:
     return start_from
 
 
+def positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: relative positions, no limit)."""
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if limit and "roberta" in getattr(text, "model_type", ""):  # positions start after the padding index
+        limit -= (text.pad_token_id or 0) + 1
+    return limit
+
+
+def fit_max_length(data_cfg, config, say):
+    """``data_cfg`` with a default ``max_length`` cut to the model's positions (noted); a longer one set in the
+    recipe is an error (the traced graph cannot run longer sequences)."""
+    limit = positions(config)
+    if not limit or data_cfg.max_length <= limit:
+        return data_cfg
+    if "max_length" in data_cfg.model_fields_set:
+        raise GraftrError(f"train.data.max_length {data_cfg.max_length} is longer than the model's "
+                          f"{limit} positions; set it to {limit} or less")
+    say(f"[yellow]note:[/] train.data.max_length is {limit}, the model's positions (the default is "
+        f"{data_cfg.max_length})")
+    return type(data_cfg).model_validate({**data_cfg.model_dump(exclude_unset=True), "max_length": limit})
+
+
 def setup_data(run: Run, recipe, model_id: str, data: str) -> Data:
     """Resolve the model (weights required), load its tokenizer, tokenize the splits; the classifier's labels."""
     from graftr.data import build_datasets
@@ -183,7 +208,9 @@ def setup_data(run: Run, recipe, model_id: str, data: str) -> Data:
                           "pass a model directory with *.safetensors, or a hub id in the local cache")
     task = recipe.task or infer_task(source.config)
     tokenizer = load_tokenizer(source)
+    run.cfg.data = fit_max_length(run.cfg.data, source.config, run.say)
     train_set, eval_set, info = build_datasets(data, run.cfg.data, tokenizer, task=task, seed=run.cfg.seed)
+    run.cfg.data = info.config  # the inferred format is recorded in the adapter's recipe (eval reads it back)
     for note in info.notes:
         run.say(f"[yellow]note:[/] {note}")
     num_labels = recipe.num_labels
@@ -229,9 +256,13 @@ def setup_model(run: Run, recipe, data: Data, device: torch.device):
 def setup_batches(run: Run, data: Data, gm) -> Batches:
     """Every rank its own shard of a seeded permutation, re-shuffled each epoch; the run's length and warmup."""
     from graftr.data import Collator
-    from graftr.train.config import total_steps, warmup
+    from graftr.train.config import resolve_defaults, total_steps, warmup
 
-    cfg, world = run.cfg, run.world
+    world = run.world
+    # lr, schedule, warmup, weight decay the recipe leaves unset: the adapter kinds' published values
+    run.cfg, run.defaults = resolve_defaults(run.cfg, [rule.adapter for rule in gm.recipe.rules],
+                                             run.cfg.micro_batch_size * run.cfg.gradient_accumulation_steps * world)
+    gm.recipe.train = cfg = run.cfg  # the adapter's recipe records the values trained with
     keep = set(gm.graftr_input_names) | {"labels"}  # tokenizers may add columns the graph does not take
     collator = Collator(data.tokenizer)
 
@@ -380,22 +411,34 @@ def non_finite_loss(run: Run, stats: torch.Tensor, step: int) -> GraftrError:
 
 
 class Window:
-    """Mean loss and throughput since the last log line."""
+    """Mean loss and throughput since the last log line.
+
+    Throughput is tokens over the steps' own time (not evaluation or checkpoint saving), and leaves out this
+    process's first step, which pays the start-up (optimizer state allocation, first calls); a window holding only
+    that step goes by its time.
+    """
 
     def __init__(self):
-        self.loss, self.steps, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
+        self.loss, self.steps, self.tokens = 0.0, 0, 0
+        self.timed_tokens, self.timed_seconds, self.last_speed = 0, 0.0, 0.0
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, tokens: int, seconds: float, first: bool) -> None:
         self.loss += loss
         self.steps += 1
         self.tokens += tokens
+        self.last_speed = tokens / max(seconds, 1e-9)
+        if not first:
+            self.timed_tokens += tokens
+            self.timed_seconds += seconds
+
+    def speed(self) -> float:
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds else self.last_speed
 
     def record(self, run: Run, engine, progress: Progress, batches: Batches, lr: float) -> dict:
-        elapsed = time.perf_counter() - self.start
         grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 without clipping statistics
         return {"kind": "train", "step": progress.step, "epoch": progress.step / batches.steps_per_epoch,
                 "loss": self.loss / self.steps, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens": progress.tokens, "tokens_per_s": self.tokens / elapsed,
+                "tokens": progress.tokens, "tokens_per_s": self.speed(),
                 "elapsed_s": time.perf_counter() - run.started}
 
 
@@ -413,9 +456,18 @@ def run_eval(run: Run, engine, batches: Batches, progress: Progress, task: str, 
         progress.best = {"step": progress.step, **metrics}
     if recorder is not None:
         recorder.write({"kind": "eval", "step": progress.step, **metrics})
+        draw_plot(run, recorder)
     run.say(f"eval  step {progress.step:>5}  {eval_text(metrics)}")
     progress.last_eval = {"step": progress.step, **metrics}
     return progress.last_eval
+
+
+def draw_plot(run: Run, recorder) -> None:
+    """``out/loss.png`` from the records so far (rank 0, after every evaluation and at the end)."""
+    from graftr.plot import plot_run
+
+    recorder.file.flush()
+    plot_run(run.out, run.title)
 
 
 def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Batches, counts: tuple[int, int],
@@ -457,7 +509,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     from graftr.train.metrics import Recorder, progress_bar
 
     say = console.print if rank == 0 else (lambda *a, **k: None)
-    run = Run(recipe.train, Path(out), rank, world, say)
+    run = Run(recipe.train, Path(out), rank, world, say, title=f"{recipe.name} on {model_id}")
     cfg = run.cfg
     device = setup_device(cfg, local_rank)
     if not model_id:
@@ -467,6 +519,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     gm = setup_model(run, recipe, data, device)
     counts = gm.trainable_counts()  # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
     batches = setup_batches(run, data, gm)
+    cfg = run.cfg  # with the adapter kinds' defaults filled in
     resumed = fingerprint(run, data, batches, gm)
     ds = setup_engine(run, gm, batches)
     engine = ds.engine
@@ -480,9 +533,12 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     say(f"training [bold]{n_trainable:,}[/] of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%) on "
         f"{world} process(es), ZeRO-{cfg.zero_stage}, {cfg.precision}: {total} steps of {mbs * accum * world} "
         f"examples ({batches.steps_per_epoch} steps per epoch), lr {cfg.lr:g} {cfg.lr_schedule}, "
-        f"warmup {batches.warmup_steps}")
+        f"warmup {batches.warmup_steps}" + (f" ({run.defaults})" if run.defaults else ""))
 
-    window = Window()
+    if batches.eval_loader is not None and progress.step == 0:
+        run_eval(run, engine, batches, progress, data.task, recorder)  # the curve starts from the base model
+    window, timed = Window(), Window()  # since the last log line; over the run (the bar's speed)
+    first = True  # this process's first step: start-up, left out of the speed
     bar = progress_bar(console) if run.main else None
     if bar is not None:
         bar.start()
@@ -501,18 +557,22 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                     raise non_finite_loss(run, stats, progress.step)
                 engine.step()  # the boundary: clip, optimizer step, scheduler step, zero the gradients
                 loss, tokens = stats[0].item() / stats[1].item(), int(stats[2].item())
+                seconds = time.perf_counter() - t_step
                 progress.step += 1
                 progress.tokens += tokens
-                progress.train_seconds += time.perf_counter() - t_step
-                window.add(loss, tokens)
+                progress.train_seconds += seconds
+                window.add(loss, tokens, seconds, first)
+                timed.add(loss, tokens, seconds, first)
+                first = False
                 step = progress.step
                 if bar is not None:
-                    bar.update(task_id, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                               speed=f"{progress.tokens / max(progress.train_seconds, 1e-9):,.0f}")
+                    bar.update(task_id, completed=step, lr=f"{lr:.2e}", speed=f"{timed.speed():,.0f}")
                 if step % cfg.log_every == 0 or step == total:
                     record = window.record(run, engine, progress, batches, lr)
                     if recorder is not None:
                         recorder.write(record)
+                    if bar is not None:  # the bar shows the logged loss (the mean since the last log line)
+                        bar.update(task_id, loss=f"{record['loss']:.4f}")
                     say(f"train step {step:>5}  loss {record['loss']:.4f}  lr {lr:.2e}  "
                         f"{record['tokens_per_s']:,.0f} tok/s")
                     window = Window()
@@ -528,6 +588,8 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         if batches.eval_loader is not None and (progress.last_eval is None
                                                  or progress.last_eval["step"] != progress.step):
             run_eval(run, engine, batches, progress, data.task, recorder)  # the final evaluation
+        elif recorder is not None:
+            draw_plot(run, recorder)
     finally:
         if bar is not None:
             bar.stop()
