@@ -235,12 +235,15 @@ def _command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
     from graftr.quiet import quiet
 
-    quiet(verbose=args.verbose)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    # before any library is imported (the command's module may import them): their settings are read at import
+    before = argv[: argv.index(command)] if command in argv else argv
+    quiet(verbose="-v" in before or "--verbose" in before)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except GraftrError as e:

@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from graftr.cli import out as console
+    from graftr.console import console
 
     runs = [Path(r) for r in args.runs]
     for run in runs:
