@@ -88,7 +88,7 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser, adapter_required=False)
     parser.add_argument("--data", help="a data file, a directory of split files or a hub dataset (needs --adapter)")
     parser.add_argument("--split", help="the split to evaluate (default: the recipe's eval split)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     harness.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
                         help="override the recipe's train.data fields, e.g. data.max_length=256 data.format=text")

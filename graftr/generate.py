@@ -254,10 +254,13 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser, adapter_required=False)
     parser.add_argument("--prompt", action="append", required=True,
                         help="the prompt; repeat the flag to generate for several prompts in one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="with --temperature: sample from the smallest set of tokens whose probability reaches "
+                             "this (default 1.0: all)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="with --temperature: sample from the k most likely tokens (default 0: all)")
     parser.add_argument("--seed", type=int, help="seed of the sampler (sampling only)")
     parser.add_argument("--no-template", action="store_true",
                         help="send the prompt as is, not wrapped in the adapter's training prompt template")

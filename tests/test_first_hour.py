@@ -284,3 +284,28 @@ def test_a_user_kind_travels_with_its_adapter(models, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "test_travelling_shift", done.stderr
+
+
+def test_every_argument_has_help_and_the_version_prints(capsys):
+    import argparse
+
+    for name in ["apply", "inspect", "validate", "schema", *cli.COMMAND_MODULES]:
+        parser = cli.build_parser(name)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        missing = [a.option_strings or a.dest for a in sub._actions
+                   if a.help is None and not isinstance(a, argparse._HelpAction)]
+        assert not missing, f"graftr {name}: no help for {missing}"
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("graftr ")
+
+
+def test_help_imports_no_library():
+    """``graftr --help`` builds its parser without torch, transformers, datasets or DeepSpeed (start-up speed; the
+    times are in docs/benchmarks.md)."""
+    script = ("import sys, graftr.cli\n"
+              "try:\n    graftr.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'deepspeed', 'matplotlib') "
+              "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
