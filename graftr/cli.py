@@ -59,6 +59,12 @@ def cmd_apply(args) -> int:
               f"{t_trace - t_build:.1f} s, {len(gm.site_index.linear)} linear and "
               f"{len(gm.site_index.attention)} attention sites")
     if args.dry_run:
+        from graftr.quantize import active, select
+
+        if active(recipe.quantize):
+            chosen = select(gm, recipe.quantize, recipe.trainable_modules)
+            console.print(f"quantize ({recipe.quantize.method}): {len(chosen)} of {len(gm.site_index.linear)} linear "
+                          f"sites would be stored quantized (e.g. {', '.join(s.path for s in chosen[:2])})")
         run_passes(gm, passes.MatchPass(recipe))  # annotate only
         plans = passes.planned(gm.site_index, recipe)
         table = Table(title="plan (dry run: matching only)")
@@ -69,6 +75,10 @@ def cmd_apply(args) -> int:
         console.print(table)
         return 0
     gm = graft(gm, recipe)
+    from graftr import quantize
+
+    if (line := quantize.summary(gm)) is not None:
+        console.print(f"{line} (e.g. {', '.join(list(gm.graftr_quantized)[:2])})")
     s = summary(gm)
     table = Table(title="adapters inserted")
     for col, justify in (("rule", "left"), ("kind", "left"), ("sites", "right"), ("params added", "right"),
@@ -80,6 +90,7 @@ def cmd_apply(args) -> int:
     console.print(f"trainable params: [bold]{_fmt(s['trainable'])}[/] / total: {_fmt(s['total'])} "
               f"({s['percent']:.4f}%)   [dim]{time.perf_counter() - t0:.1f} s[/]")
     base_bytes = sum(p.numel() * p.element_size() for p in gm.parameters() if not p.requires_grad)
+    base_bytes += quantize.stored_bytes(gm)  # the quantized weights' packed storage
     console.print(f"base weights in {args.dtype}: {base_bytes / 2**30:.2f} GiB; adapters "
               f"{', '.join(sorted({str(p.dtype).removeprefix('torch.') for p in gm.parameters() if p.requires_grad}))}")
     if args.out:

@@ -52,6 +52,7 @@ class Grafting:
     outlined: list[str] = field(default_factory=list)  # layers the outline_layers pass made submodules of
     embeddings: dict[str, str] = field(default_factory=dict)  # "input"/"output" -> module path (graftr.hf.adopt)
     generation_config: Any = None  # transformers.GenerationConfig, made from hf_config when first read (graftr.hf)
+    quantized: dict = field(default_factory=dict)  # site path -> graftr.quantize.QuantizedWeight (the quantize pass)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
     recipe = _recorded("recipe", "the recipe grafted onto the model, or None")
     plans = _recorded("plans", "what the rewrite pass inserted, per rule")
     graftr_embeddings = _recorded("embeddings", "module paths of the input and output embeddings")
+    graftr_quantized = _recorded("quantized", "what the quantize pass did, per linear site path")
 
     @property
     def site_index(self):
@@ -277,8 +279,12 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def trainable_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; a weight stored quantized counts as the dense weight it replaced."""
+        from graftr.quantize import stored_numel
+
         params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params) + stored_numel(self))
 
     # ---- merging -------------------------------------------------------------------------------------------
     def merge_(self) -> "GraftedModel":
@@ -300,6 +306,9 @@ class MergeAdapters(GraphPass):
         for site in gm.site_index.all():
             if not site.adapters:
                 continue
+            if site.op == "linear" and site.quant:
+                raise MergeError(f"{site.path}: its weight is stored quantized ({site.quant}); merge into the "
+                                 "dequantized weights with graftr merge (or graft with round_trip=True)")
             if site.op != "linear":
                 raise MergeError(f"{site.path}: {ATTENTION_NOT_MERGEABLE}")
             branch_before = False
@@ -377,15 +386,25 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
     return gm
 
 
-def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = None) -> GraftedModel:
-    """Trace (if needed), match the recipe's rules, insert their adapters and freeze everything else."""
+def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = None,
+          round_trip: bool = False) -> GraftedModel:
+    """Trace (if needed), quantize the frozen base (the recipe's ``quantize:``), match the recipe's rules, insert
+    their adapters and freeze everything else.
+
+    ``round_trip=True`` keeps the base dense but replaces each weight the recipe quantizes by
+    ``dequantize(quantize(W))``, the weights a quantized model computes with (``graftr merge`` folds adapters into
+    them)."""
+    from graftr.quantize import QuantizePass, active
     from graftr.selectors import compile_glob  # noqa: F401
 
     gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task=recipe.task)
     if gm.recipe is not None:
         raise GraftrError("this model is already grafted; graft the base model with one combined recipe")
     inserted = passes.RewritePass(recipe)
-    run_passes(gm, passes.MatchPass(recipe), inserted)
+    quantize = getattr(recipe, "quantize", None)
+    first = [QuantizePass(quantize, trainable=recipe.trainable_modules, round_trip=round_trip)] if active(quantize) \
+        else []
+    run_passes(gm, *first, passes.MatchPass(recipe), inserted)
     plans = inserted.plans
     gm.recipe, gm.plans = recipe, plans
     adapter_prefixes = tuple(t + "." for p in plans for t in p.modules)

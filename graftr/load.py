@@ -102,12 +102,13 @@ def _recorded_base(model_id: str, adapter: Path) -> str:
     return model_id  # a hub id (or a path that is nowhere: resolve says so)
 
 
-def graft_adapter(model: nn.Module, adapter: str, base: Base):
+def graft_adapter(model: nn.Module, adapter: str, base: Base, *, round_trip: bool = False):
     """``model`` (the base, on the meta device or with weights) with the adapter in ``adapter`` grafted and its
-    tensors loaded: a ``GraftedModel`` whose ``model_id`` is the base used."""
+    tensors loaded: a ``GraftedModel`` whose ``model_id`` is the base used. An adapter whose recipe quantizes the
+    base gets it quantized, as in training (``round_trip``: dense weights equal to the quantized ones, for merging)."""
     from graftr.formats import load_adapter
 
-    gm = load_adapter(model, adapter, peft=base.peft is not None)
+    gm = load_adapter(model, adapter, peft=base.peft is not None, round_trip=round_trip)
     gm.model_id = base.source.model_id
     return gm
 
@@ -118,8 +119,10 @@ def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: tor
     return load_with_weights(resolve_base(model_arg, adapter, weights=True, console=console), adapter, dtype=dtype)
 
 
-def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | None = None) -> Loaded:
-    """Load ``base`` with its weights and graft ``adapter`` (None: the bare base, prepared), in eval mode."""
+def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | None = None,
+                      round_trip: bool = False) -> Loaded:
+    """Load ``base`` with its weights and graft ``adapter`` (None: the bare base, prepared), in eval mode
+    (``round_trip``: see :func:`graft_adapter`)."""
     from graftr.grafted import prepare
     from graftr.models import load_model
 
@@ -131,7 +134,7 @@ def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | N
     if adapter is None:
         gm = prepare(model, model_id=base.source.model_id, task=base.task)
     else:
-        gm = graft_adapter(model, adapter, base)
+        gm = graft_adapter(model, adapter, base, round_trip=round_trip)
     gm.eval()
     return Loaded(base.source, model, gm, gm.recipe if adapter is not None else None, base.manifest)
 

@@ -53,6 +53,7 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
+from graftr import quantize
 from graftr.errors import GraftrError
 from graftr.models import build_model
 
@@ -237,6 +238,22 @@ def _initialise(twin: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return values
 
 
+def _load_quantized(gm, file: Path, key: str, spec, dtype: torch.dtype | None) -> None:
+    """Read one checkpoint tensor and store it quantized. The file is opened for this tensor alone, so its pages
+    leave the process once the tensor is quantized: peak memory is the packed base plus one dense tensor."""
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        shape = tuple(f.get_slice(key).get_shape())
+        if shape != spec.dense_shape:
+            raise GraftrError(f"{spec.weight}: the checkpoint's {key} has shape {shape}, the model expects "
+                              f"{spec.dense_shape} ({file.name})")
+        t = f.get_tensor(key)
+    target = dtype or t.dtype
+    if target != spec.dtype:
+        raise GraftrError(f"{spec.weight} would be {target} but the graph was traced in {spec.dtype}; "
+                          f"trace with build_empty(config, dtype={target}) or pass dtype={spec.dtype}")
+    quantize.store(gm, spec, t.to(target))
+
+
 def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]:
     """Load the weights of the HF model directory ``directory`` into ``gm`` (in place).
 
@@ -260,6 +277,18 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
     used: set[str] = set()
     plan: dict[Path, list[tuple[str, _Entry]]] = defaultdict(list)
     missing: list[_Entry] = []
+    # weights the quantize pass stores packed: quantized as they are read, one tensor at a time (graftr.quantize)
+    quantized = quantize.stored(gm)
+    storage = quantize.storage_names(gm)
+    entries = [e for e in entries if not storage.intersection(e.names)]
+    for spec in quantized.values():
+        found = [c for c in _candidates(spec.weight, cls.base_model_prefix) if c in keys]
+        if not found:
+            raise GraftrError(f"{spec.weight} is not in the checkpoint in {directory}; a quantized weight must be "
+                              "loaded from it (add the module to quantize.skip to initialise it instead)")
+        used.update(found)
+        file, key = keys[found[0]]
+        plan[file].append((key, spec))
     for entry in entries:
         found = [c for n in entry.names for c in _candidates(n, cls.base_model_prefix) if c in keys]
         used.update(found)
@@ -275,6 +304,9 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
     for file in sorted(plan):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key, entry in plan[file]:
+                if isinstance(entry, quantize.QuantizedWeight):
+                    _load_quantized(gm, file, key, entry, dtype)
+                    continue
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(entry.tensor.shape):
                     raise GraftrError(f"{entry.name}: the checkpoint's {key} has shape {shape}, the model expects "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graftr import quantize
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
 from graftr.load import Base, Loaded
 from graftr.names import DTYPES
@@ -32,7 +33,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def merge_into_hf(loaded: Loaded) -> nn.Module:
     """Merge ``loaded.gm``'s adapters and return ``loaded.model`` (the HF model) holding the merged weights."""
     gm, hf = loaded.gm, loaded.model
-    tied = _tied_names(hf)
+    tied = quantize.tied_names(hf)
     for site in gm.site_index.all():
         if site.adapters and site.op == "linear" and site.weight in tied:
             raise MergeError(f"{site.path}: its weight {site.weight} is tied to another module's weight; "
@@ -85,17 +86,6 @@ def refusal_before_loading(base: Base) -> str | None:
     return None
 
 
-def _tied_names(hf: nn.Module) -> set[str]:
-    """Every parameter name that shares its tensor with an earlier name (HF's tied weights)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, p in hf.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied |= {name, seen[id(p)]}
-        seen.setdefault(id(p), name)
-    return tied
-
-
 def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype) -> None:
     """Write ``hf`` (cast to ``dtype``) with config, generation config and the source's tokenizer files."""
     from graftr.formats.files import write_dir_atomically
@@ -114,6 +104,16 @@ def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype) -> None:
     write_dir_atomically(out, write, marker="config.json")
 
 
+def _quantized_output_dtype(config, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model merged from a quantized base (``--dtype auto``): the quantized matmuls' compute dtype
+    if 16-bit, else the base's own if 16-bit, else bfloat16."""
+    compute = quantize.DTYPES.get(config.compute_dtype or "")
+    for dtype in (compute, base_dtype):
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+    return torch.bfloat16
+
+
 def _config_dtype(config) -> torch.dtype:
     value = getattr(config, "dtype", None)
     if isinstance(value, str):
@@ -130,7 +130,8 @@ def add_arguments(parser) -> None:
                                         "default: the base recorded in the adapter")
     parser.add_argument("--out", required=True, help="the HF model directory to write")
     parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto",
-                        help="dtype of the saved weights; auto (default): the base's own dtype. Merging is in fp32")
+                        help="dtype of the saved weights; auto (default): the base's own dtype (a quantized base: "
+                             "16-bit, see docs/quantized_base.md). Merging is in fp32")
 
 
 def main(args) -> int:
@@ -142,10 +143,16 @@ def main(args) -> int:
     base = resolve_base(args.model, args.adapter, weights=True, console=console)
     if (reason := refusal_before_loading(base)) is not None:
         raise MergeError(reason)
-    loaded = load_with_weights(base, args.adapter, dtype=torch.float32)
+    # a quantized base: the adapter was trained against dequantize(quantize(W)); merge into those weights, as PEFT
+    # merges into a 4-bit base's dequantized weights, and write them in 16 bits
+    quantized = quantize.active(getattr(base.recipe, "quantize", None))
+    loaded = load_with_weights(base, args.adapter, dtype=torch.float32, round_trip=quantized)
     plans = [(p.name, p.rule.adapter.kind, len(p.sites)) for p in loaded.gm.plans]
+    round_tripped = len(loaded.gm.graftr_quantized)
     hf = merge_into_hf(loaded)
     dtype = _config_dtype(loaded.source.config) if args.dtype == "auto" else DTYPES[args.dtype]
+    if quantized and args.dtype == "auto":
+        dtype = _quantized_output_dtype(base.recipe.quantize, dtype)
     save_merged(hf, loaded.source, Path(args.out), dtype)
     table = Table(title=f"merged {args.adapter} into {loaded.source.model_id}")
     for col in ("rule", "kind", "sites"):
@@ -153,6 +160,10 @@ def main(args) -> int:
     for name, kind, sites in plans:
         table.add_row(name, kind, str(sites))
     console.print(table)
+    if quantized:
+        console.print(f"the base was quantized ({base.recipe.quantize.method}) when the adapter was trained: merged "
+                      f"into the dequantized weights of {round_tripped} linear layers and written as "
+                      f"{str(dtype).removeprefix('torch.')} (the merged model is not quantized)")
     console.print(f"wrote {type(hf).__name__} ({str(dtype).removeprefix('torch.')}) to {args.out}; "
               "it loads with transformers' from_pretrained, without graftr")
     return 0

@@ -17,6 +17,7 @@ pass                        module                                      what it 
 ==========================  ==========================================  ============================================
 ``normalize_modes``         :mod:`graftr.trace`                         dropout/SDPA as modules following the mode
 ``share_position_rows``     :mod:`graftr.trace`                         default positions computed once, not per row
+``quantize``                :mod:`graftr.quantize`                      frozen linears → packed storage + bitsandbytes
 ``match``                   :mod:`graftr.passes`                        tags each rule's sites (annotate only)
 ``rewrite``                 :mod:`graftr.passes`                        inserts the adapters at the tagged sites
 ``outline_layers``          :mod:`graftr.outline`                       each layer a submodule (ZeRO-3)

@@ -157,7 +157,8 @@ class RewritePass(GraphPass):
 def _device_for(gm: fx.GraphModule, site) -> torch.device:
     """Adapters live beside the site's weights; on a meta base they get real CPU tensors (so they can be saved)."""
     weight = site.weight if site.op == "linear" else next(iter(site.projections.values())).weight
-    device = gm.get_parameter(weight).device
+    owner, _, local = weight.rpartition(".")
+    device = gm.get_submodule(owner)._parameters.get(local, gm.get_submodule(owner)._buffers.get(local)).device
     return torch.device("cpu") if device.type == "meta" else device
 
 

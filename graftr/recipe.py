@@ -32,6 +32,7 @@ from graftr import registry
 from graftr.configmodel import Boolean, ConfigModel
 from graftr.errors import GraftrError, MatchError, RecipeError
 from graftr.names import Task
+from graftr.quantize import QuantizeConfig
 from graftr.registry import AdapterConfig
 from graftr.selectors import LayerSelect, compile_glob
 from graftr.train.config import TrainConfig
@@ -155,7 +156,21 @@ class Recipe(ConfigModel):
         [], description="python modules imported before validation (they register user adapter kinds)")
     trainable_modules: Globs = Field([], description="module path globs whose own parameters are trained too")
     rules: list[Rule] = Field(min_length=1)
+    quantize: QuantizeConfig | None = Field(None, description="store the frozen base's linear layers in 4 or 8 "
+                                            "bits (bitsandbytes); adapters train on top")
     train: TrainConfig | None = Field(None, description="how `graftr train` trains the adapters")
+
+    @model_validator(mode="after")
+    def _quantize_fits_training(self) -> Recipe:
+        if self.quantize is None or not self.quantize.enabled or self.train is None:
+            return self
+        if self.train.zero_stage == 3:
+            message = (f"zero_stage 3 cannot train on a quantized base (quantize.method {self.quantize.method}): "
+                       "ZeRO-3 partitions every parameter and the packed weights are not DeepSpeed parameters; use "
+                       "zero_stage 0-2 (the quantized base is already 4-8x smaller) or quantize.method none")
+            raise ValidationError.from_exception_data("Recipe", [InitErrorDetails(
+                type=PydanticCustomError("quantize", message), loc=("train", "zero_stage"), input=3)])
+        return self
 
     @field_validator("rules")
     @classmethod

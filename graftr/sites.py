@@ -63,6 +63,7 @@ class LinearSite:
     op: str = "linear"
     layer: tuple[str, int] | None = None
     adapters: list[str] = field(default_factory=list)  # module targets grafted here, in order
+    quant: str | None = None  # "nf4" / "fp4" / "int8" once the quantize pass stored the weight packed
 
     @property
     def anchor(self) -> fx.Node:
@@ -168,13 +169,26 @@ def _boundary(nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
 
 
 def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    from graftr import quantize
+
     by_path = _nodes_by_module(gm.graph)
     sites = []
     for path, nodes in by_path.items():
-        ops = [n for n in nodes if n.op == "call_function" and n.target in _LINEAR_OPS]
+        ops = [n for n in nodes if n.op == "call_function" and (n.target in _LINEAR_OPS or n.target in quantize.OPS)]
         if len(ops) != 1:
             continue
         op = ops[0]
+        if op.target in quantize.OPS:  # a site the quantize pass stored packed: x, weight, stats, bias, ...
+            bounds = _boundary(nodes)
+            if bounds is None:
+                continue
+            out_f, in_f = quantize.site_shape(gm, op)
+            b = op.args[3]
+            sites.append(LinearSite(path, fxmeta.innermost(op)[1], op.args[1].target,
+                                    b.target if isinstance(b, fx.Node) else None, "out_in", in_f, out_f, bounds[0],
+                                    bounds[1], nodes, layer=layer_of(path),
+                                    quant=gm.graftr_quantized[path].method))
+            continue
         layout = _LINEAR_OPS[op.target]
         if layout == "out_in":
             w, b = op.args[1], (op.args[2] if len(op.args) > 2 else None)

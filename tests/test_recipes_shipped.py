@@ -16,6 +16,7 @@ EXPECTED = {
     "ia3_encoder.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("bert", "roberta")},
     "ia3_t5.yaml": {"t5": {"ia3_attn": 12, "ia3_ff": 4}},
     "ina_llama.yaml": {a: {"ina_qk": 4} for a in ("llama", "mistral", "qwen2", "qwen3")},
+    "ina_llama_nf4.yaml": {a: {"ina_qv": 4} for a in ("llama", "mistral", "qwen2")},
     "ina_roberta.yaml": {"roberta": {"ina_qkv": 6}},
     # op: attention needs no module paths: the LLaMA-Adapter recipes fit every decoder family (32-layer tiny models)
     "llama_adapter.yaml": {a: {"llama_adapter": 30} for a in ("llama", "qwen2", "gemma2")},

@@ -43,7 +43,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import fx, nn
 
-from graftr import fxmeta
+from graftr import fxmeta, quantize
 from graftr.adapters.base import Adapter, _tag
 from graftr.adapters.prompts import Hypernetwork, SharedMLP
 from graftr.errors import GraftrError
@@ -113,6 +113,7 @@ class GatedPrompt(Adapter):
         (k_site, self.k_rows), (v_site, self.v_rows) = k, v
         self.k_layout, self.v_layout = k_site.layout, v_site.layout
         self.k_params, self.v_params = (k_site.weight, k_site.bias), (v_site.weight, v_site.bias)
+        self.k_path, self.v_path = k_site.path, v_site.path  # a quantized projection is read dequantized
         self.length, self.dim = config.length, k_site.in_features
         self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
         self.scale, self.softcap, self.form = site.scale, site.softcap, site.form
@@ -170,12 +171,13 @@ class GatedPrompt(Adapter):
         """Nodes for the k/v projection weights and biases, and the shared generator's prompt (or None)."""
         attrs: dict[str, fx.Node] = {}
 
-        def attr(name):
+        def attr(name, path=None):
             if name is not None and name not in attrs:
-                attrs[name] = graph.get_attr(name)
+                attrs[name] = graph.get_attr(name) if path is None else quantize.dense_weight(graph, path, name)
             return attrs.get(name)
 
-        nodes = [attr(self.k_params[0]), attr(self.k_params[1]), attr(self.v_params[0]), attr(self.v_params[1])]
+        nodes = [attr(self.k_params[0], self.k_path), attr(self.k_params[1]), attr(self.v_params[0], self.v_path),
+                 attr(self.v_params[1])]
         return nodes + [graph.call_module(self.shared, (self.layer,)) if self.shared else None]
 
     def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:

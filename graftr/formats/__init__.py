@@ -27,12 +27,14 @@ def is_peft(path) -> bool:
     return peft_adapter_config(Path(path)) is not None
 
 
-def load_adapter(model, path, *, peft: bool | None = None):
+def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = False):
     """Graft ``model`` with the adapter in ``path`` and load its tensors; returns the :class:`GraftedModel`.
 
     ``path`` is a graftr adapter directory, a run directory of ``graftr train`` (its ``adapter/`` is read), or an HF
     PEFT adapter directory, which :func:`graftr.formats.peft.import_peft` translates. ``peft`` says which, when the
-    caller has read it already."""
+    caller has read it already.
+    ``round_trip``: a graftr recipe with ``quantize:`` keeps the base dense, each weight it quantizes replaced by
+    its quantize→dequantize round trip (for merging; see :func:`graftr.graft`)."""
     from graftr.formats import graftr as native
     from graftr.formats.peft import import_peft
 
@@ -40,4 +42,4 @@ def load_adapter(model, path, *, peft: bool | None = None):
 
     if peft is None:
         peft = is_peft(path)
-    return import_peft(model, path) if peft else native.load_adapter(model, path)
+    return import_peft(model, path) if peft else native.load_adapter(model, path, round_trip=round_trip)

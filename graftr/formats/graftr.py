@@ -159,8 +159,9 @@ def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
                 param.copy_(src.to(dtype=param.dtype, device=param.device))
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, *, round_trip: bool = False):
     """Graft ``model`` with the graftr adapter's recipe and load its tensors. Returns the :class:`GraftedModel`.
+    ``round_trip``: see :func:`graftr.graft` (a quantizing recipe's base kept dense, for merging).
 
     (:func:`graftr.load_adapter` also takes PEFT adapter directories: see :mod:`graftr.formats`.)"""
     from graftr.grafted import GraftedModel, graft
@@ -173,6 +174,6 @@ def load_adapter(model, path):
             raise AdapterLoadError(f"{path} is incomplete: {f} is missing")
     check_base(manifest, model.hf_config if isinstance(model, GraftedModel) else model.config, str(path))
     recipe = load_recipe(path / RECIPE)
-    gm = graft(model, recipe, model_id=manifest.get("base_model"))
+    gm = graft(model, recipe, model_id=manifest.get("base_model"), round_trip=round_trip)
     load_state_into(gm, load_file(str(path / TENSORS)), str(path))
     return gm

@@ -226,6 +226,7 @@ def setup_data(run: Run, recipe, model_id: str, data: str) -> Data:
 
 def setup_model(run: Run, recipe, data: Data, device: torch.device):
     """Trace on ``meta``, graft, load the weights into the graph; outline, move and compile as configured."""
+    from graftr import quantize
     from graftr.grafted import graft
     from graftr.materialize import build_empty, materialize, set_graph_device
     from graftr.outline import outline_layers
@@ -236,6 +237,8 @@ def setup_model(run: Run, recipe, data: Data, device: torch.device):
     gm = graft(build_empty(data.source.config, data.task, dtype=dtype, num_labels=data.num_labels), recipe,
                model_id=data.source.model_id)
     for line in materialize(gm, data.source.directory, dtype=dtype):  # "newly initialized: classifier.weight, ..."
+        run.say(f"[dim]{line}[/]")
+    if (line := quantize.summary(gm)) is not None:  # the recipe's quantize: (quantized while loading)
         run.say(f"[dim]{line}[/]")
     if data.label_names is not None:  # the saved adapter's manifest carries the class names (eval, inference)
         gm.hf_config.id2label = dict(enumerate(data.label_names))
