@@ -228,19 +228,19 @@ def test_recipe_section_is_validated(section, message):
 
 
 def test_override_and_skip(tmp_path):
-    from graftr.train.config import load_recipe_with_overrides
+    from graftr.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(quant_recipe("llama", None))
-    r = load_recipe_with_overrides(path, ["quantize.method=fp4", "quantize.skip=[model.layers.0.mlp.*]"])
+    r = load_recipe(path, ["quantize.method=fp4", "quantize.skip=[model.layers.0.mlp.*]"])
     assert r.quantize.method == "fp4" and r.quantize.skip == ["model.layers.0.mlp.*"]
     gm = graft(tiny_model("llama"), r)
     assert [s.path for s in gm.site_index.linear if not s.quant] == [
         "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "lm_head"]
-    off = load_recipe_with_overrides(path, ["quantize.method=none"])
+    off = load_recipe(path, ["quantize.method=none"])
     assert not any(s.quant for s in graft(tiny_model("llama"), off).site_index.linear)
     with pytest.raises(GraftrError, match="selects no linear site"):
-        graft(tiny_model("llama"), load_recipe_with_overrides(path, ["quantize.method=nf4", "quantize.skip=['**']"]))
+        graft(tiny_model("llama"), load_recipe(path, ["quantize.method=nf4", "quantize.skip=['**']"]))
 
 
 def test_missing_bitsandbytes_is_a_one_line_error(monkeypatch):
