@@ -1,8 +1,9 @@
-"""The one place that reads ``node.meta``.
+"""The one place that reads and writes ``node.meta``.
 
 ``nn_module_stack`` and ``val`` differ in shape across tracers and torch versions (paths like
 ``L['self'].model.layers[0]`` under dynamo, plain FQNs under non-strict export; classes as types or as dotted
-strings), so every pass goes through these helpers.
+strings), so every pass goes through these helpers, and graftr's own provenance tags (``graftr_matched``, ``graftr_rule``)
+are written and read here too.
 """
 
 from __future__ import annotations
@@ -74,6 +75,32 @@ def last_dim(node: fx.Node) -> int | None:
     return int(d) if not isinstance(d, torch.SymInt) else None
 
 
+def stack_down_to(node: fx.Node, path: str) -> dict | None:
+    """``node``'s raw ``nn_module_stack`` cut after the entry of module ``path`` (the stack of a call to that module),
+    or None if ``node`` was not traced inside it."""
+    entries = list((node.meta.get("nn_module_stack") or {}).items())
+    paths = [p for p, _ in module_stack(node)]
+    return dict(entries[: paths.index(path) + 1]) if path in paths else None
+
+
+def set_stack(node: fx.Node, stack: dict) -> None:
+    node.meta["nn_module_stack"] = stack
+
+
+def copy_meta_inside(src: fx.Node, dst: fx.Node, path: str, class_name: str) -> None:
+    """:func:`copy_meta`, then put ``dst`` inside one more module: the one installed at ``path`` (an adapter)."""
+    copy_meta(src, dst)
+    stack = dict(src.meta.get("nn_module_stack") or {})
+    stack[path] = (path, class_name)
+    dst.meta["nn_module_stack"] = stack
+
+
+def drop_value(node: fx.Node) -> None:
+    """Forget the traced example value of ``node`` (a created node whose output differs, e.g. a tuple)."""
+    for key in ("val", "tensor_meta"):
+        node.meta.pop(key, None)
+
+
 def copy_meta(src: fx.Node, dst: fx.Node, **extra: Any) -> None:
     """Give a created node the module stack of the node it stands in for, plus graftr provenance keys."""
     for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
@@ -85,6 +112,11 @@ def copy_meta(src: fx.Node, dst: fx.Node, **extra: Any) -> None:
 # provenance keys set by graftr's passes
 MATCHED = "graftr_matched"  # on a site's anchor node: list of rule names that matched it (set by the match pass)
 RULE = "graftr_rule"  # on every node a rewrite inserted: the rule that made it
+
+
+def tag_rule(node: fx.Node, rule: str) -> None:
+    """Provenance of a node the rewrite pass inserted: the rule that made it."""
+    node.meta[RULE] = rule
 
 
 def matched(node: fx.Node) -> list[str]:

@@ -311,14 +311,8 @@ class MergeAdapters(GraphPass):
                                  "dequantized weights with graftr merge (or graft with round_trip=True)")
             if site.op != "linear":
                 raise MergeError(f"{site.path}: {ATTENTION_NOT_MERGEABLE}")
-            branch_before = False
-            for target in site.adapters:
-                module = gm.get_submodule(target)
-                module.check_merge()
-                if module.position == "input" and branch_before:
-                    raise MergeError(f"{site.path}: input scaling after a branch adapter on the same site cannot be "
-                                     "merged exactly (the branch reads the unscaled input)")
-                branch_before = branch_before or not module.is_scaling
+            adapters = [gm.get_submodule(t) for t in site.adapters]
+            adapters[0].check_site_merge(site.path, adapters)  # the linear kinds' rule (graftr.adapters.base)
 
     def call(self, gm: GraftedModel) -> PassResult:
         sites = [s for s in gm.site_index.all() if s.adapters]

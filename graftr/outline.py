@@ -151,11 +151,9 @@ def _layer_class(nodes: list[fx.Node], key: str) -> str:
 def _stack_meta(nodes: list[fx.Node], key: str) -> dict:
     """The ``nn_module_stack`` of a call to the layer: the entries down to the layer itself."""
     for node in nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        entries = list(stack.items())
-        paths = [p for p, _ in fxmeta.module_stack(node)]
-        if key in paths:
-            return dict(entries[: paths.index(key) + 1])
+        stack = fxmeta.stack_down_to(node, key)
+        if stack is not None:
+            return stack
     return {}
 
 
@@ -242,7 +240,7 @@ def _outline(gm: fx.GraphModule) -> None:
         sub, inputs, outputs = _build_layer(item, nodes, group)
         _install_layer(gm, item, sub, _layer_class(nodes, item))
         call = root.call_module(item, tuple(env[a] for a in inputs))
-        call.meta["nn_module_stack"] = _stack_meta(nodes, item)
+        fxmeta.set_stack(call, _stack_meta(nodes, item))
         for i, out in enumerate(outputs):
             env[out] = root.call_function(operator.getitem, (call, i))
             fxmeta.copy_meta(out, env[out])

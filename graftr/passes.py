@@ -198,7 +198,7 @@ def rewrite(gm: fx.GraphModule, plans: list[RulePlan]) -> list[RulePlan]:
             plan.params_added += sum(p.numel() for p in module.parameters())
         for node in gm.graph.nodes:
             if node not in before:
-                node.meta[fxmeta.RULE] = plan.rule.name
+                fxmeta.tag_rule(node, plan.rule.name)
         try:
             gm.graph.lint()
         except Exception as e:  # lint raises RuntimeError/AssertionError describing the bad node (and dumping the graph)

@@ -22,8 +22,34 @@ from graftr.errors import MergeError
 
 
 class Adapter(nn.Module):
+    """Everything a kind knows lives on its module class, in the kind's one file: how it is built from a site
+    (:meth:`from_site`, :meth:`shared_for_rule`), inserted (:meth:`graft`), merged (linear kinds:
+    :meth:`LinearAdapter.merge_refusal`, :meth:`~LinearAdapter.check_merge`, :meth:`~LinearAdapter.merge_into`) and
+    written in PEFT's format (:attr:`peft_type`, :meth:`from_peft`, :meth:`to_peft`, :meth:`peft_adapters`, or
+    :attr:`peft_refusal`: why PEFT cannot hold it)."""
+
     kind: ClassVar[str]
     config_cls: ClassVar[type]
+    peft_type: ClassVar[str | None] = None  # the PEFT type (adapter_config.json's peft_type) this kind reads/writes
+    peft_refusal: ClassVar[str | None] = None  # why graftr export --format peft refuses this kind (one line)
+
+    @classmethod
+    def from_peft(cls, model, config: dict, tensors: dict, where: str):
+        """Graft ``model`` as the PEFT ``config`` (of :attr:`peft_type`) says and load ``tensors`` (PEFT's keys);
+        ``where`` names the adapter in errors. Returns the grafted model (:func:`graftr.formats.peft.import_peft`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def to_peft(cls, gm) -> tuple[dict, dict]:
+        """``(adapter_config.json, tensors under PEFT's keys)`` for ``gm``, whose adapters are all of this kind;
+        refuses, with the reason, what :attr:`peft_type` cannot express (:func:`graftr.formats.peft.export_peft`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_adapters(cls, config: dict) -> list[dict]:
+        """The graftr adapter configs (kind and the options the PEFT ``config`` alone decides) it imports as, for
+        checks made before any weight is read (``graftr merge``)."""
+        return [{"kind": cls.kind}]
 
     @classmethod
     def from_site(cls, config, site, *, device: torch.device) -> "Adapter":
@@ -45,10 +71,7 @@ class Adapter(nn.Module):
 
 
 def _tag(new: fx.Node, like: fx.Node, target: str, cls_name: str) -> None:
-    fxmeta.copy_meta(like, new)
-    stack = dict(like.meta.get("nn_module_stack") or {})
-    stack[target] = (target, cls_name)
-    new.meta["nn_module_stack"] = stack
+    fxmeta.copy_meta_inside(like, new, target, cls_name)
 
 
 class LinearAdapter(Adapter):
@@ -80,6 +103,19 @@ class LinearAdapter(Adapter):
         if cls.check_merge is LinearAdapter.check_merge:
             return f"{cls.kind} adapters cannot be merged into the base weights"
         return None
+
+    @staticmethod
+    def check_site_merge(path: str, adapters: list[LinearAdapter]) -> None:
+        """The merge rule of the adapters on one linear site, in the order they apply: each must merge
+        (:meth:`check_merge`), and an input scaling may not follow a branch (the branch read the unscaled input, so
+        no single weight computes both). Raises :class:`MergeError` naming the site."""
+        branch_before = False
+        for module in adapters:
+            module.check_merge()
+            if module.position == "input" and branch_before:
+                raise MergeError(f"{path}: input scaling after a branch adapter on the same site cannot be merged "
+                                 "exactly (the branch reads the unscaled input)")
+            branch_before = branch_before or not module.is_scaling
 
     def check_merge(self) -> None:
         """Raise :class:`MergeError` with the reason if this adapter cannot be folded into the weights."""

@@ -35,6 +35,8 @@ Every gate starts at zero, so a ``gated`` model starts exactly equal to its base
 
 from __future__ import annotations
 
+import json
+import math
 import operator
 import warnings
 from typing import Literal
@@ -47,6 +49,9 @@ from graftr import fxmeta, quantize
 from graftr.adapters.base import Adapter, _tag
 from graftr.adapters.prompts import Hypernetwork, SharedMLP
 from graftr.errors import GraftrError
+from graftr.formats import peft as fmt
+from graftr.formats.graftr import load_state_into
+from graftr.grafted import GraftedModel, graft, prepare
 from graftr.names import DTYPES
 from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
 from graftr.sites import SOFTMAX_OPS
@@ -106,6 +111,16 @@ def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @register_adapter(GatedPromptConfig, ops=("attention",))
 class GatedPrompt(Adapter):
     """The per-site module of ``gated_prompt`` (``mode: gated``): ``O_tok + gate · softmax(S_p) · V_p``."""
+
+    peft_type = "ADAPTION_PROMPT"
+
+    @classmethod
+    def from_peft(cls, model, config: dict, tensors: dict, where: str):
+        return _import_adaption_prompt(model, config, tensors, where)
+
+    @classmethod
+    def to_peft(cls, gm) -> tuple[dict, dict]:
+        return _export_adaption_prompt(gm)
 
     def __init__(self, site, config: GatedPromptConfig, device=None, shared: str | None = None):
         super().__init__()
@@ -251,8 +266,7 @@ class PrefixPrompt(GatedPrompt):
             new = graph.call_module(target, (*inputs, *self._inputs(graph)))
             parts = [graph.call_function(operator.getitem, (new, i)) for i in range(len(replaced))]
         _tag(new, site.node, target, type(self).__name__)
-        for key in ("val", "tensor_meta"):  # the module returns a tuple
-            new.meta.pop(key, None)
+        fxmeta.drop_value(new)  # the module returns a tuple
         for part, like in zip(parts, replaced):
             fxmeta.copy_meta(like if like is not None else site.node, part)
         if eager:
@@ -286,3 +300,135 @@ class PrefixPrompt(GatedPrompt):
             visible = True if mask.dtype == torch.bool else 0.0
             mask = torch.cat([mask.new_full((*mask.shape[:-1], self.length), visible), mask], dim=-1)
         return keys, values, mask
+
+
+# ---- AdaptionPrompt (graftr kind `gated_prompt`, prompt linear, gate scalar) --------------------------------------
+# PEFT's AdaptedAttention (peft/tuners/adaption_prompt/layer.py) on llama/mistral: the prompt (1, L, D) through the
+# block's k_proj/v_proj (repeat_interleave'd to the query heads), scores against the query recomputed with RoPE,
+# scaled by 1/√head_dim, fp32 softmax, times the scalar `adaption_gate` (no tanh), then o_proj of that branch added
+# to the block's output. o_proj(O_tok) + o_proj(branch) = o_proj(O_tok + branch) when o_proj has no bias.
+_AP_KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "target_modules", "adapter_len", "adapter_layers"}
+_AP_MODEL_TYPES = ("llama", "mistral")  # PEFT's TRANSFORMERS_MODEL_CONFIG also has gpt2, a different model (below)
+_AP_TARGET = "self_attn"
+_AP_NAMES = {"prompt": "adaption_prompt", "gate": "adaption_gate"}
+_GPT2_DIFFERENCE = (
+    "PEFT's GPT-2 AdaptionPrompt (AdaptedAttentionGPT; o_proj_layer=None in TRANSFORMERS_MODEL_CONFIG) adds the gated "
+    "prompt attention gate·softmax(S_p)·V_p to the attention output after c_proj without projecting it through "
+    "c_proj, whereas graftr's gated_prompt (LLaMA-Adapter) joins the branch before the output projection, "
+    "c_proj(O_tok + gate·softmax(S_p)·V_p); they are different models")
+
+
+def _ap_sites(gm: GraftedModel, where: str) -> list:
+    """The attention blocks PEFT's AdaptionPrompt may prompt, in layer order, after checking that the model is one
+    where PEFT computes exactly graftr's gated prompt."""
+    cfg, model_type = gm.hf_config, gm.hf_config.model_type
+    if model_type == "gpt2":
+        raise GraftrError(f"{where}: {_GPT2_DIFFERENCE}; refusing rather than produce a different model")
+    if model_type not in _AP_MODEL_TYPES:
+        raise GraftrError(f"{where}: PEFT's AdaptionPrompt supports only llama, mistral and gpt2 models, not "
+                          f"{model_type!r}")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if cfg.hidden_size != cfg.num_attention_heads * head_dim:
+        raise GraftrError(f"{where}: PEFT's AdaptionPrompt derives the key/value heads from k_proj's in/out ratio, "
+                          f"which assumes hidden_size = heads × head_dim; this model has {cfg.hidden_size} vs "
+                          f"{cfg.num_attention_heads} × {head_dim}")
+    sites = [s for s in gm.site_index.attention if s.path.endswith(f".{_AP_TARGET}")]
+    if not sites:
+        raise GraftrError(f"{where}: no attention block named *.{_AP_TARGET} in {gm.hf_class}")
+    return sites
+
+
+def _ap_check_blocks(sites: list, where: str) -> None:
+    """PEFT adds o_proj's bias a second time and always scales by 1/√head_dim: refuse blocks where that differs."""
+    for site in sites:
+        o_proj = site.projections.get("o")
+        if o_proj is None:
+            raise GraftrError(f"{where}: graftr cannot find the o_proj of {site.path}, so it cannot check that PEFT's "
+                              "AdaptionPrompt (which adds o_proj(branch) after o_proj) computes the same model")
+        if o_proj.bias is not None:
+            raise GraftrError(f"{where}: {o_proj.path} has a bias; PEFT's AdaptionPrompt adds o_proj(branch) after "
+                              "o_proj, so it adds the bias twice (a zero gate is then no longer the base model), while "
+                              "graftr joins the branch before o_proj; refusing rather than produce a different model")
+        if not math.isclose(site.scale, site.head_dim ** -0.5, rel_tol=1e-6):
+            raise GraftrError(f"{where}: {site.path} scales its scores by {site.scale:g}, PEFT's AdaptionPrompt "
+                              f"always by 1/√head_dim = {site.head_dim ** -0.5:g}")
+
+
+def _import_adaption_prompt(model, config: dict, tensors: dict, where: str) -> GraftedModel:
+    fmt.check_options(config, _AP_KNOWN, {}, where)
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise GraftrError(f"{where}: task_type {config['task_type']!r}: AdaptionPrompt (LLaMA-Adapter) adapters are "
+                          "imported for causal language models only")
+    length, layers = config.get("adapter_len"), config.get("adapter_layers")
+    for key, value in (("adapter_len", length), ("adapter_layers", layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise GraftrError(f"{where}: {key} must be a positive integer, not {json.dumps(value)}")
+    model_id = config.get("base_model_name_or_path")
+    gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task="causal_lm")
+    if gm.task != "causal_lm":
+        raise GraftrError(f"{where}: an AdaptionPrompt adapter needs a causal_lm model, not {gm.task}")
+    sites = _ap_sites(gm, where)
+    if (config.get("target_modules") or _AP_TARGET) != _AP_TARGET:
+        raise GraftrError(f"{where}: target_modules {config['target_modules']!r}: PEFT's AdaptionPrompt computes the "
+                          f"query of a llama/mistral attention module; graftr imports only the default "
+                          f"{_AP_TARGET!r}")
+    if layers > len(sites):
+        raise GraftrError(f"{where}: adapter_layers {layers} is more than the {len(sites)} attention blocks of "
+                          f"{gm.hf_class}")
+    chosen = sites[-layers:]  # PEFT: the last adapter_layers modules named *.self_attn
+    _ap_check_blocks(chosen, where)
+    match = fmt.as_path_match({s.path for s in chosen}, gm, [{"op": "attention", "layers": {"last": layers}}],
+                           gm.site_index.attention)
+    adapter = {"kind": "gated_prompt", "length": length, "prompt": "linear", "gate": "scalar", "mode": "gated"}
+    rules = [{"name": "adaption_prompt", "match": match, "adapter": adapter}]
+    recipe = fmt.build_recipe({**fmt.recipe_data(gm, config, where, [], rules), "task": "causal_lm"}, where)
+    gm = graft(gm, recipe, model_id=model_id)
+    shapes = {f"{t}.prompt": (1, length, m.dim) for t, m in gm.adapter_modules().items()}
+    load_state_into(gm, fmt.checked_tensors(gm, tensors, fmt.peft_keys(gm, rename=_AP_NAMES), where, shapes), where)
+    return gm
+
+
+def _export_adaption_prompt(gm: GraftedModel) -> tuple[dict, dict[str, torch.Tensor]]:
+    where = "PEFT AdaptionPrompt export"
+    for plan in gm.plans:
+        cfg = plan.rule.adapter
+        reasons = {
+            "mode": f"mode {cfg.mode!r} (prompts joining the tokens' softmax, no gate)",
+            "gate": {"per_head_tanh": "gate 'per_head_tanh' (tanh of one gate per head; PEFT has one scalar gate per "
+                                      "layer, used without tanh)",
+                     "adapt": "gate 'adapt' (a query-dependent gate; PEFT's gate is one learned scalar per layer)"
+                     }.get(cfg.gate),
+            "prompt": f"prompt {cfg.prompt!r} (PEFT stores each layer's prompt itself, not a network generating it)",
+        }
+        wanted = {"mode": "gated", "gate": "scalar", "prompt": "linear"}
+        for field, value in wanted.items():
+            if getattr(cfg, field) != value:
+                raise GraftrError(f"{where}: rule {plan.name!r} has {reasons[field]}; PEFT's AdaptionPrompt is "
+                                  "gated_prompt with prompt: linear, gate: scalar, mode: gated only")
+    lengths = sorted({plan.rule.adapter.length for plan in gm.plans})
+    if len(lengths) != 1:
+        raise GraftrError(f"{where}: PEFT's AdaptionPrompt has one adapter_len for all layers; these rules use "
+                          f"{lengths}")
+    if gm.task != "causal_lm":
+        raise GraftrError(f"{where}: PEFT's AdaptionPrompt is for causal language models; this model is {gm.task}")
+    if gm.recipe.trainable_modules:
+        raise GraftrError(f"{where}: PEFT's AdaptionPrompt saves only the prompts and gates; the trainable modules "
+                          f"{gm.recipe.trainable_modules} would be lost")
+    candidates = _ap_sites(gm, where)
+    sites = fmt.one_adapter_per_site(gm, "adaption prompt")
+    paths = {site.path for site in sites}
+    if paths != {s.path for s in candidates[-len(paths):]}:
+        layers = sorted(s.layer[1] if s.layer else s.path for s in sites)
+        raise GraftrError(f"{where}: PEFT's AdaptionPrompt prompts the last adapter_layers attention blocks; this "
+                          f"adapter prompts layers {layers} of {len(candidates)}")
+    _ap_check_blocks(sites, where)
+    state = fmt.real_state(gm)
+    keys = fmt.peft_keys(gm, rename=_AP_NAMES)
+    prompts = {f"{t}.prompt" for t in gm.adapter_modules()}
+    tensors = {keys[n]: t[None] if n in prompts else t for n, t in state.items()}
+    config = {
+        "adapter_layers": len(paths), "adapter_len": lengths[0], "auto_mapping": None,
+        "base_model_name_or_path": gm.model_id, "inference_mode": True, "peft_type": "ADAPTION_PROMPT",
+        "revision": None, "target_modules": _AP_TARGET, "task_type": "CAUSAL_LM",
+    }
+    return config, tensors
