@@ -74,9 +74,9 @@ def export_peft(gm: GraftedModel, out_dir) -> Path:
     used = {kind.name: kind.module_cls for kind in (kind_of(plan.rule.adapter) for plan in gm.plans)}
     kinds = sorted(used)
     for kind in kinds:  # a kind that says why PEFT cannot hold it
-        if (reason := used[kind].peft_refusal) is not None:
+        if (reason := getattr(used[kind], "peft_refusal", None)) is not None:
             raise GraftrError(reason)
-    exporters = sorted(k.name for k in registry.kinds().values() if k.module_cls.peft_type is not None)
+    exporters = sorted(k.name for k in registry.kinds().values() if getattr(k.module_cls, "peft_type", None))
     if len(kinds) != 1 or kinds[0] not in exporters:
         have = ", ".join(kinds) or "no adapters"
         raise GraftrError(f"PEFT export needs adapters of one kind among {', '.join(exporters)}; "
@@ -129,7 +129,7 @@ def peft_adapters(config: dict) -> list[dict]:
 def _by_peft_type() -> dict[str, type]:
     """PEFT type → the adapter module class of the graftr kind that reads and writes it (its ``peft_type``)."""
     return {k.module_cls.peft_type: k.module_cls for k in registry.kinds().values()
-            if k.module_cls.peft_type is not None}
+            if getattr(k.module_cls, "peft_type", None)}
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------------
