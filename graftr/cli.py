@@ -49,6 +49,11 @@ def cmd_apply(args) -> int:
     from graftr.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.out:
+        from graftr.formats.files import check_out
+        from graftr.formats.graftr import MANIFEST
+
+        check_out(Path(args.out), MANIFEST, force=args.force)
     t0 = time.perf_counter()
     source, model, task = _load_base(args.model, recipe, dtype=DTYPES[args.dtype])
     t_build = time.perf_counter()
@@ -96,7 +101,7 @@ def cmd_apply(args) -> int:
     if args.out:
         from graftr.formats.graftr import save_adapter
 
-        save_adapter(gm, args.out)
+        save_adapter(gm, args.out, force=args.force)
         console.print(f"saved the initial adapter to {args.out}")
     return 0
 
@@ -169,9 +174,18 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with graftr's error contract: a usage error is one ``error:`` line and exit status 2 (argparse
+    prints the usage and ``graftr train: error: ...`` on two lines). Subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        errors.print(f"[red]error:[/] {message} (see {self.prog} --help)", highlight=False, soft_wrap=True)
+        self.exit(2)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module (if it has one) is imported, to add its arguments."""
-    parser = argparse.ArgumentParser(prog="graftr", description="graftr: trace a transformer, match a recipe, insert "
+    parser = Parser(prog="graftr", description="graftr: trace a transformer, match a recipe, insert "
                                      "adapters, train them with DeepSpeed.")
     parser.add_argument("--version", action="version", version=f"graftr {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -186,6 +200,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id (local cache or bundled snapshot), model directory or config.json; "
                                    "default: the recipe's `model`")
     p.add_argument("--out", help="save the initial adapter to this directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier adapter")
     p.add_argument("--dry-run", action="store_true", help="match only: show which sites each rule selects")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the base is built and traced in (default float32); adapters keep their own dtype")
@@ -254,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     before = argv[: argv.index(command)] if command in argv else argv
     quiet(verbose="-v" in before or "--verbose" in before)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, one line: Parser.error)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except GraftrError as e:

@@ -1,6 +1,7 @@
 """The base of every config graftr validates: recipes, rules, selectors, adapter kinds, the train and data sections.
 
-Two rules hold everywhere: unknown keys are errors (``extra="forbid"``), and a boolean is never read as a number.
+Three rules hold everywhere: unknown keys are errors (``extra="forbid"``), a number is finite (``inf``, ``.inf``
+and ``nan`` are refused: ``allow_inf_nan=False``), and a boolean is never read as a number.
 Pydantic's lax mode turns ``true`` into ``1`` for an ``int`` or ``float`` field, and YAML reads ``yes``, ``on`` and
 ``true`` as booleans, so ``inhibition: yes`` or ``rank: on`` would otherwise become a number without a word.
 """
@@ -39,7 +40,7 @@ def _wants_a_number(annotation: Any) -> bool:
 
 
 class ConfigModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # subclasses' model_config merges into this
 
     @model_validator(mode="before")
     @classmethod

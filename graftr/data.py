@@ -208,7 +208,36 @@ def _load_files(files: list[Path]) -> datasets.Dataset:
         # An empty file (or a CSV header, a parquet file without rows) surfaces as one of these two.
         if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
             raise GraftrError(f"{names} holds no example (the dataset is empty)") from error
-        raise GraftrError(f"could not read {names}: {_first_line(error)}") from error
+        # datasets (pyarrow) names neither the file nor the line; find the first line that is not a JSON object
+        where = _bad_json_line(files) if builder == "json" else None
+        raise GraftrError(where or f"could not read {names}: {_first_line(error)}") from error
+
+
+def _bad_json_line(files: list[Path]) -> str | None:
+    """``file:line: problem`` for the first line of a JSON-lines file that is not one JSON object, else None. A
+    ``.json`` file that is one valid document (an array of objects) has no bad line."""
+    import json
+
+    for file in files:
+        if file.suffix.lower() == ".json":
+            try:
+                json.loads(file.read_bytes())
+                continue
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass  # not one document: read it as JSON lines, as datasets does
+        with open(file, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.rstrip(b"\r\n"))
+                except UnicodeDecodeError:
+                    return f"{file}:{number}: the line is not UTF-8 text"
+                except json.JSONDecodeError as e:
+                    return f"{file}:{number}: invalid JSON: {e.msg} (column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"{file}:{number}: each line must be a JSON object, got {type(row).__name__}"
+    return None
 
 
 def _load_dir(path: Path) -> datasets.DatasetDict:

@@ -5,6 +5,8 @@ fit the model) is raised as a :class:`GraftrError`. The CLI prints its message o
 anything else is a bug and keeps its traceback.
 """
 
+import os
+
 
 class GraftrError(Exception):
     """An error caused by user input; its message is shown to the user as is."""
@@ -28,3 +30,30 @@ ATTENTION_NOT_MERGEABLE = "attention adapters cannot be merged into weights; the
 
 class AdapterLoadError(GraftrError):
     """A saved adapter does not fit the model (missing, extra or mis-shaped tensors, different base)."""
+
+
+def write_failure(error: BaseException, path: str) -> str | None:
+    """The one-line reason a write of ``path`` failed (a full disk, a read-only or missing directory), or None when
+    ``error`` is not a write failure (a bug, which keeps its traceback).
+
+    Writers report the same errno differently: Python raises ``OSError``; safetensors a ``SafetensorError`` with
+    "No space left on device (os error 28)"; torch.save a ``RuntimeError`` "[enforce fail at inline_container.cc]
+    ... PytorchStreamWriter failed writing file ...", which says nothing of the cause, so the free space decides."""
+    import shutil
+
+    if isinstance(error, OSError):
+        return f"cannot write {error.filename or path}: {error.strerror or error}"
+    text = str(error)
+    if "os error" in text or "No space left" in text:
+        return f"cannot write {path}: {text.strip().splitlines()[0]}"
+    if isinstance(error, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text):
+        folder = os.path.dirname(os.path.abspath(path))
+        while folder and not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        cause = "no space left on device" if free is not None and free < 1 << 20 else "the write failed"
+        return f"cannot write {path}: {cause}"
+    return None

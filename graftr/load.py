@@ -67,7 +67,7 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
             manifest = read_manifest(path)
             if not (path / RECIPE).is_file():
                 raise AdapterLoadError(f"{adapter} is incomplete: {RECIPE} is missing")
-            recipe = load_recipe(path / RECIPE)
+            recipe = load_recipe(path / RECIPE, local_imports=False)  # data: no code from beside it
     model_id = (model_arg or (manifest or {}).get("base_model") or (recipe.model if recipe else None)
                 or (peft or {}).get("base_model_name_or_path"))
     if not model_id:

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
 from torch import fx, nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
@@ -55,6 +54,7 @@ from transformers.core_model_loading import (
 
 from graftr import quantize
 from graftr.errors import GraftrError
+from graftr.formats.files import open_safetensors
 from graftr.models import build_model
 
 INDEX = "model.safetensors.index.json"
@@ -111,15 +111,18 @@ def _stored_keys(directory: Path) -> dict[str, Path]:
     """Every checkpoint key as stored → its file, from the index or the single file."""
     if (directory / INDEX).is_file():
         try:
-            weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads((directory / INDEX).read_bytes())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise GraftrError(f"{directory / INDEX} is not a safetensors index: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and Path(f).name == f and f not in ("", ".", "..") for f in weight_map.values()):
+            raise GraftrError(f"{directory / INDEX}: weight_map must map tensor names to file names in {directory}")
         stored = {key: directory / file for key, file in weight_map.items()}
         missing = sorted({str(f) for f in stored.values() if not f.is_file()})
         if missing:
             raise GraftrError(f"{directory / INDEX} lists files that do not exist: {', '.join(missing[:3])}")
     elif (directory / SINGLE).is_file():
-        with safe_open(str(directory / SINGLE), framework="pt") as f:
+        with open_safetensors(directory / SINGLE, error=GraftrError) as f:
             stored = {key: directory / SINGLE for key in f.keys()}
     else:
         raise GraftrError(f"{directory} has no {SINGLE} or {INDEX} (graftr loads safetensors checkpoints only)")
@@ -302,7 +305,7 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
             missing.append(entry)
 
     for file in sorted(plan):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file, error=GraftrError) as f:
             for key, entry in plan[file]:
                 if isinstance(entry, quantize.QuantizedWeight):
                     _load_quantized(gm, file, key, entry, dtype)

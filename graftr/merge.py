@@ -11,8 +11,9 @@ Everything that can refuse does so before anything is written: an adapter kind t
 message says why; read from the adapter's recipe or PEFT config before any base weight is), an adapter on a weight
 tied to another one (merging would change both), a mismatched base.
 
-The output directory is written atomically (:func:`graftr.formats.files.write_dir_atomically`); an existing directory is
-replaced only if it holds a ``config.json``.
+The output directory is written atomically (:func:`graftr.formats.files.write_dir_atomically`); an existing
+non-empty directory is replaced only with ``--force`` and only if it holds a ``config.json`` (an earlier merged
+model), which is checked before any weight is read.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def refusal_before_loading(base: Base) -> str | None:
     return None
 
 
-def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype) -> None:
+def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype, *, force: bool = False) -> None:
     """Write ``hf`` (cast to ``dtype``) with config, generation config and the source's tokenizer files."""
     from graftr.formats.files import write_dir_atomically
     from graftr.models import load_tokenizer
@@ -101,7 +102,7 @@ def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_dir_atomically(out, write, marker="config.json")
+    write_dir_atomically(out, write, marker="config.json", force=force)
 
 
 def _quantized_output_dtype(config, base_dtype: torch.dtype) -> torch.dtype:
@@ -129,6 +130,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", help="base model directory with weights (or a cached hub id); "
                                         "default: the base recorded in the adapter")
     parser.add_argument("--out", required=True, help="the HF model directory to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it holds an earlier merged model")
     parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto",
                         help="dtype of the saved weights; auto (default): the base's own dtype (a quantized base: "
                              "16-bit, see docs/quantized_base.md). Merging is in fp32")
@@ -138,8 +140,10 @@ def main(args) -> int:
     from rich.table import Table
 
     from graftr.console import console
+    from graftr.formats.files import check_out
     from graftr.load import load_with_weights, resolve_base
 
+    check_out(Path(args.out), "config.json", force=args.force)  # before reading gigabytes of weights
     base = resolve_base(args.model, args.adapter, weights=True, console=console)
     if (reason := refusal_before_loading(base)) is not None:
         raise MergeError(reason)
@@ -153,7 +157,7 @@ def main(args) -> int:
     dtype = _config_dtype(loaded.source.config) if args.dtype == "auto" else DTYPES[args.dtype]
     if quantized and args.dtype == "auto":
         dtype = _quantized_output_dtype(base.recipe.quantize, dtype)
-    save_merged(hf, loaded.source, Path(args.out), dtype)
+    save_merged(hf, loaded.source, Path(args.out), dtype, force=args.force)
     table = Table(title=f"merged {args.adapter} into {loaded.source.model_id}")
     for col in ("rule", "kind", "sites"):
         table.add_column(col)

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -97,9 +99,51 @@ def _first_line(e: Exception) -> str:
 def _read_config(path: Path) -> PretrainedConfig:
     """Load a config from a model directory or a ``config.json`` file, as a clear error if it is malformed."""
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except StrictDataclassError as e:  # transformers' own checks of the values ("hidden size ... not a multiple")
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise GraftrError(f"the model config at {path} is inconsistent: {_first_line(cause)}") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise GraftrError(f"cannot read the model config at {path}: {_first_line(e)}") from e
+    check_config(config, str(path))
+    return config
+
+
+# The sizes every structure reads, under transformers' common names (each config maps its own onto them: GPT-2's
+# n_embd is hidden_size). A config is user input: a size that is not a positive integer, heads that do not divide
+# the width, or a layer count no model has would otherwise fail deep inside transformers or torch.export, or
+# build for ever.
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+          "vocab_size", "head_dim", "max_position_embeddings")
+MAX_LAYERS = 4096
+MAX_SIZE = 2**31 - 1
+
+
+def check_config(config: PretrainedConfig, where: str) -> None:
+    """Refuse a config whose sizes cannot describe a model (:class:`GraftrError`, one line)."""
+    sizes = {}
+    for name in _SIZES:
+        try:
+            value = getattr(config, name, None)
+        except (AttributeError, TypeError, ValueError):
+            value = None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise GraftrError(f"the model config at {where} is inconsistent: {name} must be a positive integer, "
+                              f"got {value!r}")
+        sizes[name] = value
+    if sizes.get("num_hidden_layers", 0) > MAX_LAYERS:
+        raise GraftrError(f"the model config at {where} is inconsistent: num_hidden_layers {sizes['num_hidden_layers']:,}"
+                          f" (no model has more than {MAX_LAYERS} layers)")
+    hidden, heads, kv = (sizes.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    explicit_head_dim = "head_dim" in sizes or getattr(config, "d_kv", None) is not None
+    if hidden and heads and not explicit_head_dim and hidden % heads:
+        raise GraftrError(f"the model config at {where} is inconsistent: hidden_size {hidden} is not a multiple of "
+                          f"num_attention_heads {heads}")
+    if heads and kv and heads % kv:
+        raise GraftrError(f"the model config at {where} is inconsistent: num_attention_heads {heads} is not a "
+                          f"multiple of num_key_value_heads {kv}")
 
 
 def _from_cache(model_id: str, cache_dir: str | Path | None) -> Path | None:
@@ -201,9 +245,15 @@ def build_model(config: PretrainedConfig, task: str | None = None, *, device: st
     """Instantiate a randomly initialised model (fp32 unless ``dtype``) on ``device``; ``meta`` holds no memory."""
     task = task or infer_task(config)
     config = _with_labels(config, num_labels)
-    attn = _attn_implementation(_model_class(config, task))
-    with torch.device(device):
-        return AUTO_CLASSES[task].from_config(config, attn_implementation=attn, dtype=dtype or torch.float32)
+    model_class = _model_class(config, task)
+    attn = _attn_implementation(model_class)
+    try:
+        with torch.device(device):
+            return AUTO_CLASSES[task].from_config(config, attn_implementation=attn, dtype=dtype or torch.float32)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, RuntimeError) as e:
+        # the config passed check_config; what transformers still refuses in it is the user's config, not a bug
+        raise GraftrError(f"the {config.model_type} config does not build a {model_class.__name__}: "
+                          f"{_first_line(e)}") from e
 
 
 def _has_weights(directory: Path) -> bool:
@@ -222,7 +272,7 @@ def load_model(source: ModelSource, task: str | None = None, *, dtype: torch.dty
         return AUTO_CLASSES[task].from_pretrained(
             str(source.directory), config=config, local_files_only=True, dtype=dtype or torch.float32,
             attn_implementation=_attn_implementation(model_class))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise GraftrError(
             f"cannot load the weights of {source.model_id} from {source.directory}: {_first_line(e)}") from e
 

@@ -162,13 +162,52 @@ def _device_for(gm: fx.GraphModule, site) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+MIN_SIZE_LIMIT = 2**24  # adapters may always hold this many parameters, however small the model
+
+
+def _by_stack(sites: list) -> dict[str | None, list]:
+    by_stack: dict[str | None, list] = {}
+    for site in sites:
+        by_stack.setdefault(site.layer[0] if site.layer else None, []).append(site)
+    return by_stack
+
+
+def _refuse_oversized(gm: fx.GraphModule, plans: list[RulePlan], sizes: dict[str, int]) -> None:
+    """Build every planned adapter on the ``meta`` device first (no memory, no random draws) and refuse the plan if
+    they would hold more parameters than the model they adapt. The memory and time a rewrite takes are then bounded
+    by the model's size, whatever a recipe sets a rank or a prompt length to (a validated ``rank`` of 10^9 would
+    otherwise allocate terabytes before anything could say so)."""
+    meta = torch.device("meta")
+    base = sum(p.numel() for p in gm.parameters())
+    limit = max(base, MIN_SIZE_LIMIT)
+    added = 0
+    for plan in plans:
+        kind = kind_of(plan.rule.adapter)
+        rule_added = 0
+        for stack, sites in _by_stack(plan.sites).items():
+            shared = kind.module_cls.shared_for_rule(plan.rule.adapter, sites, stack_size=sizes.get(stack),
+                                                     device=meta)
+            extra = {}
+            if shared is not None:
+                rule_added += sum(p.numel() for p in shared.parameters())
+                extra = {"shared": f"{stack}.{plan.rule.name}" if stack else plan.rule.name}
+            for site in sites:
+                module = kind.module_cls.from_site(plan.rule.adapter, site, device=meta, **extra)
+                rule_added += sum(p.numel() for p in module.parameters())
+        added += rule_added
+        if added > limit:
+            options = ", ".join(f"{k} {v}" for k, v in plan.rule.adapter.model_dump(exclude={"kind"}).items()
+                                if isinstance(v, int) and not isinstance(v, bool))
+            raise GraftrError(f"rule {plan.rule.name!r} ({kind.name}{': ' + options if options else ''}) would add "
+                              f"{rule_added:,} parameters on {len(plan.sites)} sites, {added:,} with the rules before "
+                              f"it: more than the model it adapts holds ({base:,}; at least {MIN_SIZE_LIMIT:,} are allowed); choose a "
+                              "smaller size")
+
+
 def _install_shared(gm: fx.GraphModule, plan: RulePlan, kind, sizes: dict[str, int]) -> dict[str | None, str]:
     """Build and install the rule's shared module for each layer stack its sites are in: {stack prefix: path}."""
-    by_stack: dict[str | None, list] = {}
-    for site in plan.sites:
-        by_stack.setdefault(site.layer[0] if site.layer else None, []).append(site)
     installed = {}
-    for stack, sites in by_stack.items():
+    for stack, sites in _by_stack(plan.sites).items():
         module = kind.module_cls.shared_for_rule(plan.rule.adapter, sites, stack_size=sizes.get(stack),
                                                  device=_device_for(gm, sites[0]))
         if module is None:
@@ -183,6 +222,7 @@ def _install_shared(gm: fx.GraphModule, plan: RulePlan, kind, sizes: dict[str, i
 def rewrite(gm: fx.GraphModule, plans: list[RulePlan]) -> list[RulePlan]:
     """Transform: insert every planned adapter, rule by rule, linting after each."""
     sizes = stack_sizes(n for n, _ in gm.named_parameters())
+    _refuse_oversized(gm, plans, sizes)
     for plan in plans:
         kind = kind_of(plan.rule.adapter)
         before = set(gm.graph.nodes)

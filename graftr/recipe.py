@@ -38,6 +38,7 @@ from graftr.selectors import LayerSelect, compile_glob
 from graftr.train.config import TrainConfig
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"  # never a path: no '/', no '.', so never '..'
 _MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
@@ -147,7 +148,8 @@ class Recipe(ConfigModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=_NAME, max_length=128, description="a plain name (letters, digits, _ and -): "
+                      "`graftr train` writes to runs/<name> without --out")
     description: str = ""
     model: str | None = Field(None, description="default model id or path")
     task: Task | None = Field(None, description="the head to load the model with")
@@ -216,10 +218,12 @@ def read_recipe_text(path: str | Path) -> str:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                local_imports: bool = True) -> Recipe:
     """Read and validate a recipe file, after ``path.to.field=value`` overrides; every problem raises one
-    :class:`RecipeError`."""
-    return parse_recipe(read_recipe_text(path), source=str(path), overrides=overrides)
+    :class:`RecipeError`. ``local_imports=False`` for the recipe of an adapter directory: its ``imports:`` come
+    from installed packages only, never from files beside it (:func:`graftr.registry.import_modules`)."""
+    return parse_recipe(read_recipe_text(path), source=str(path), overrides=overrides, local_imports=local_imports)
 
 
 def _source_dir(source: str) -> list[str]:
@@ -227,7 +231,8 @@ def _source_dir(source: str) -> list[str]:
     return [str(folder.resolve())] if Path(source).is_file() else []
 
 
-def parse_recipe(text: str, source: str = "<string>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def parse_recipe(text: str, source: str = "<string>", overrides: list[str] | tuple[str, ...] = (), *,
+                 local_imports: bool = True) -> Recipe:
     """Validate a recipe's YAML text, after applying ``overrides`` to its mapping and importing its ``imports:``.
 
     Raises :class:`RecipeError` listing every problem, one per line: ``source:line: location: message`` for values
@@ -252,7 +257,7 @@ def parse_recipe(text: str, source: str = "<string>", overrides: list[str] | tup
     for i, module in enumerate(imports if isinstance(imports, list) else []):
         if isinstance(module, str) and re.match(_MODULE_NAME, module):  # else validation reports it
             try:
-                registry.import_modules([module], search=_source_dir(source))
+                registry.import_modules([module], search=_source_dir(source), local=local_imports)
             except GraftrError as e:
                 line, where = _locate(root, ("imports", i))
                 problems.append((line, f"{source}:{line}", where, str(e)))
@@ -293,12 +298,27 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+# libyaml's parser (PyYAML's C loader) reads a 10 MB recipe in about a second; the pure-Python one takes minutes.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# YAML aliases may repeat a part of a recipe; more values than this after expanding them (and more than
+# ALIAS_FACTOR times the values written) is an alias bomb that validation would walk for hours.
+MAX_EXPANDED_VALUES = 1_000_000
+ALIAS_FACTOR = 10
+
+
+def load_yaml(text: str):
+    """A YAML value from ``text`` (an override's value, a data field) with the same safe loader as recipes."""
+    return yaml.load(text, Loader=YAML_LOADER)
+
+
 def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     """The YAML node tree (for line numbers) and the data built from it, in one parse."""
     try:
-        loader = yaml.SafeLoader(text)
+        loader = YAML_LOADER(text)
         try:
             root = loader.get_single_node()
+            if root is not None:
+                _check_expansion(root, source)
             return root, loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
@@ -306,9 +326,43 @@ def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
         context = f" ({e.context})" if e.context and e.problem else ""
-        raise RecipeError(f"{source}{line}: invalid YAML: {e.problem or e.context}{context}") from None
+        problem = " ".join(str(e.problem or e.context).split())
+        raise RecipeError(f"{source}{line}: invalid YAML: {problem}{context}") from None
     except yaml.YAMLError as e:  # the reader's errors carry no line
         raise RecipeError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _nodes(root: yaml.Node):
+    """Every node of the tree once (aliases share nodes), without recursion (nesting depth is the input's)."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack += [key, value]
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a document whose aliases multiply it (each node counted as often as it is reachable)."""
+    nodes = list(_nodes(root))
+    size: dict[int, int] = {}
+    for node in reversed(nodes):  # children are listed after their parents, except a cycle's closing alias
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        if any(id(child) not in size for child in children):
+            raise RecipeError(f"{source}:{node.start_mark.line + 1}: invalid YAML: an alias refers to a "
+                              "collection that contains it")
+        size[id(node)] = min(1 + sum(size[id(child)] for child in children), 2**62)
+    total = size[id(root)]
+    if total > MAX_EXPANDED_VALUES and total > ALIAS_FACTOR * len(nodes):
+        raise RecipeError(f"{source}: invalid YAML: its aliases expand {len(nodes):,} values to {total:,}; aliases "
+                          "may repeat parts of a recipe, not multiply it")
 
 
 def _problem(root: yaml.Node, error: dict) -> tuple[int, str, str]:
@@ -395,24 +449,27 @@ def _locate(root: yaml.Node, loc: tuple) -> tuple[int, str]:
     return line + 1, where or "(top level)"
 
 
-def _duplicate_keys(node: yaml.Node, where: str = "", seen: set[int] | None = None):
+def _duplicate_keys(root: yaml.Node):
     """``(line, location, message)`` for every mapping key given twice (PyYAML would keep the last silently)."""
-    seen = set() if seen is None else seen
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, f"{where}[{i}]", seen)
-    elif isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else None
-            child = f"{where}.{name}" if where else str(name)
-            if name in first_line:
-                yield key.start_mark.line + 1, child, f"duplicate key (first given on line {first_line[name]})"
-            first_line.setdefault(name, key.start_mark.line + 1)
-            yield from _duplicate_keys(value, child, seen)
+    seen, stack = set(), [(root, "")]
+    while stack:  # not recursive: the nesting depth is the input's
+        node, where = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{where}[{i}]") for i, item in reversed(list(enumerate(node.value)))]
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            children = []
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                child = f"{where}.{name}" if where else str(name)
+                if name in first_line:
+                    yield key.start_mark.line + 1, child, f"duplicate key (first given on line {first_line[name]})"
+                first_line.setdefault(name, key.start_mark.line + 1)
+                children.append((value, child))
+            stack += reversed(children)
 
 
 # --------------------------------------------------------------------------------------------- overrides
@@ -427,7 +484,7 @@ def parse_override(text: str) -> tuple[tuple[str | int, ...], Any]:
         raise GraftrError(f"override {text!r} is not path.to.field=value (e.g. train.max_steps=20)")
     path = tuple(int(p) if p.isdigit() else p for p in m.group(1).split("."))
     try:
-        value = yaml.safe_load(m.group(2)) if m.group(2).strip() else None
+        value = load_yaml(m.group(2)) if m.group(2).strip() else None
     except yaml.YAMLError as e:
         raise GraftrError(f"override {text!r}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
     return path, value

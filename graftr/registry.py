@@ -170,13 +170,14 @@ def adapter_union() -> Any:
     return Annotated[Union[classes], Field(discriminator="kind")]  # type: ignore[valid-type]
 
 
-def import_modules(names: list[str], search: list[str] | None = None) -> None:
+def import_modules(names: list[str], search: list[str] | None = None, *, local: bool = True) -> None:
     """Import user modules named by a recipe's ``imports:`` so their kinds register.
 
     ``search`` (the recipe's folder) and the working directory are tried after ``sys.path``, so a module file
-    sitting next to the recipe works without installing it.
+    sitting next to the recipe works without installing it. ``local=False`` (the recipe saved in an adapter
+    directory, which is data) imports only what is installed: a module file planted next to an adapter never runs.
     """
-    extra = [d for d in [*(search or []), os.getcwd()] if d not in sys.path]
+    extra = [d for d in [*(search or []), os.getcwd()] if d not in sys.path] if local else []
     sys.path.extend(extra)
     try:
         for name in names:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 import string
 
@@ -26,15 +27,30 @@ from graftr.configmodel import ConfigModel
 _ALLOWED = frozenset(string.ascii_letters + string.digits + "_.*?{},-")
 
 
+# Work bounds: matching costs the number of sites times the size of the regex, never the product of the brace groups.
+MAX_GLOB_LENGTH = 4096
+MAX_EXPANSIONS = 64  # brace groups whose alternatives hold '.' or '**' (they change the path's components)
+
+
 @functools.lru_cache(maxsize=None)
 def compile_glob(pattern: str) -> re.Pattern[str]:
-    """Compile a module-path glob into a regex matching whole paths; a bad glob raises ``ValueError``."""
+    """Compile a module-path glob into a regex matching whole paths; a bad glob raises ``ValueError``.
+
+    A ``{a,b}`` group inside one path component becomes a regex alternation (``(?:a|b)``), so ``{a,b}.`` repeated
+    22 times is a regex of 22 alternations, not 4 million patterns. Only groups whose alternatives hold ``.`` or
+    ``**`` change the path's components; they are expanded into separate patterns, at most
+    :data:`MAX_EXPANSIONS`. Runs of ``*`` and ``?`` become one quantifier (``*?*?`` is ``[^.]{2,}``), which keeps
+    the regex from backtracking through every split of a component.
+    """
 
     def bad(reason: str) -> ValueError:
-        return ValueError(f"bad glob {pattern!r}: {reason}")
+        shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
+        return ValueError(f"bad glob {shown!r}: {reason}")
 
     if not pattern:
         raise ValueError("bad glob: the pattern is empty")
+    if len(pattern) > MAX_GLOB_LENGTH:
+        raise bad(f"it is {len(pattern):,} characters long (at most {MAX_GLOB_LENGTH:,}); give a list of globs")
     if any(c.isspace() for c in pattern):
         raise bad("it contains whitespace")
     others = sorted(set(pattern) - _ALLOWED)
@@ -44,9 +60,16 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
         raise bad("'***' is not a wildcard; use '*' within a component or '**' for any number of components")
     _check_braces(pattern, bad)
     pieces = re.split(r"\{([^{}]*)\}", pattern)  # odd pieces are the bodies of {...} groups
-    choices = [piece.split(",") if k % 2 else [piece] for k, piece in enumerate(pieces)]
-    if any("" in alternatives for alternatives in choices[1::2]):
+    groups = [piece.split(",") for piece in pieces[1::2]]
+    if any("" in alternatives for alternatives in groups):
         raise bad("empty alternative in '{...}'")
+    structural = [any("." in a or "**" in a for a in alternatives) for alternatives in groups]
+    expansions = math.prod(len(g) for g, s in zip(groups, structural) if s)
+    if expansions > MAX_EXPANSIONS:
+        raise bad(f"its '{{...}}' groups holding '.' or '**' expand to {expansions:,} patterns (at most "
+                  f"{MAX_EXPANSIONS}); give a list of globs")
+    choices = [[piece] if k % 2 == 0 else groups[k // 2] if structural[k // 2] else ["{" + piece + "}"]
+               for k, piece in enumerate(pieces)]
     regexes = [_translate("".join(expansion), bad) for expansion in itertools.product(*choices)]
     return re.compile(r"\A(?:" + "|".join(regexes) + r")\Z")
 
@@ -70,7 +93,7 @@ def _check_braces(pattern: str, bad) -> None:
 
 
 def _translate(glob: str, bad) -> str:
-    """Regex for one brace-free glob."""
+    """Regex for one glob whose remaining ``{...}`` groups lie within components."""
     components = glob.split(".")
     if "" in components:
         raise bad("leading, trailing or double '.'")
@@ -85,7 +108,22 @@ def _translate(glob: str, bad) -> str:
             raise bad("'**' must be a whole path component, as in 'model.**.k_proj'")
         else:
             sep = "" if k == 0 or components[k - 1] == "**" else r"\."
-            out += sep + "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in component)
+            out += sep + "".join("(?:" + "|".join(map(_wildcards, piece[1:-1].split(","))) + ")"
+                                 if piece.startswith("{") else _wildcards(piece)
+                                 for piece in re.split(r"(\{[^{}]*\})", component) if piece)
+    return out
+
+
+def _wildcards(text: str) -> str:
+    """Regex for brace-free text within one component: a run of ``*``/``?`` is one quantifier."""
+    out = ""
+    for run in re.findall(r"[*?]+|[^*?]+", text):
+        if run[0] not in "*?":
+            out += re.escape(run)
+        elif "*" in run:
+            out += f"[^.]{{{run.count('?')},}}" if "?" in run else "[^.]*"
+        else:
+            out += "[^.]" if len(run) == 1 else f"[^.]{{{len(run)}}}"
     return out
 
 

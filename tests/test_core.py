@@ -208,7 +208,9 @@ def test_save_never_clobbers_foreign_directories(tmp_path):
     with pytest.raises(GraftrError, match="not a graftr output directory"):
         save_adapter(gm, foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
-    save_adapter(gm, path)  # overwriting a graftr adapter is fine, and leaves no temporary directories
+    with pytest.raises(GraftrError, match="pass --force to replace it"):
+        save_adapter(gm, path)
+    save_adapter(gm, path, force=True)  # replacing a graftr adapter when asked is fine, and leaves no temporary directories
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "mine"]
 
 

@@ -371,11 +371,10 @@ def test_empty_match_and_empty_rules():
     ("", "r.yaml: the recipe is empty"),
     ("# only a comment\n", "r.yaml: the recipe is empty"),
     ("- name: x\n", "r.yaml:1: a recipe must be a mapping with name and rules, got list"),
-    ("name: x\nrules: [\n", "r.yaml:3: invalid YAML: expected the node content, but found '<stream end>' "
-                           "(while parsing a flow node)"),
+    ("name: x\nrules: [\n", "r.yaml:3: invalid YAML: did not find expected node content (while parsing a flow node)"),
     ("name: x\n---\nname: y\n", "r.yaml:2: invalid YAML: but found another document "
                                 "(expected a single document in the stream)"),
-    ("name: x\n  bad: indent\n", "r.yaml:2: invalid YAML: mapping values are not allowed here"),
+    ("name: x\n  bad: indent\n", "r.yaml:2: invalid YAML: mapping values are not allowed in this context"),
 ])
 def test_not_a_recipe(text, message):
     with pytest.raises(RecipeError) as e:

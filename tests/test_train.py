@@ -264,7 +264,8 @@ def shm_segments() -> set[str]:
 
 @pytest.mark.slow
 def test_no_shared_memory_is_left_behind(zero_runs):
-    # DeepSpeed creates one segment per rank on CPU and never unlinks it; graftr unlinks it once every rank has it
+    # DeepSpeed's CPU shared-memory op would create one segment per rank and never unlink it; graftr does not build
+    # the op (graftr.train.loop._init_distributed), so no segment exists
     out, _ = zero_runs
     assert json.loads((out / "shm-left.json").read_text()) == []
 
@@ -390,7 +391,7 @@ def test_stop_and_resume_with_more_steps(resume_runs, tmp_path, capsys):
 
 
 class FakeEngine:
-    """Writes what ``engine.save_checkpoint`` writes into the tag directory: one file; or fails."""
+    """Writes what ``engine.save_checkpoint`` writes into the tag directory: one file; or fails as a full disk."""
 
     def __init__(self, fail: bool = False):
         self.fail = fail
@@ -398,9 +399,9 @@ class FakeEngine:
     def save_checkpoint(self, directory, tag, save_latest, exclude_frozen_parameters):
         assert not save_latest and exclude_frozen_parameters
         (Path(directory) / tag).mkdir()
-        (Path(directory) / tag / "model_states.pt").write_text("x")
+        torch.save({"module": {"w": torch.ones(2)}}, Path(directory) / tag / "model_states.pt")
         if self.fail:
-            raise RuntimeError("disk full")
+            raise OSError(28, "No space left on device", str(Path(directory) / tag / "model_states.pt"))
 
 
 def test_checkpoint_save_is_atomic(tmp_path):
@@ -411,12 +412,19 @@ def test_checkpoint_save_is_atomic(tmp_path):
     assert checkpoint.latest(ckpt) is None and checkpoint.remove_incomplete(ckpt) == []
     for step in (1, 2):
         assert checkpoint.save(FakeEngine(), ckpt, step, {"tokens": step}, keep=2) == ckpt / f"step-{step}"
-    assert checkpoint.read_meta(ckpt / "step-2") == {"step": 2, "tokens": 2}
-    assert sorted(p.name for p in (ckpt / "step-2").iterdir()) == ["graftr.json", "model_states.pt", "rng_rank0.pt"]
+    meta = checkpoint.read_meta(ckpt / "step-2")
+    assert {k: meta[k] for k in ("step", "tokens", "format_version")} == {"step": 2, "tokens": 2, "format_version": 2}
+    assert sorted(meta["files"]) == ["model_states.pt", "rng_rank0.safetensors"]
+    assert sorted(p.name for p in (ckpt / "step-2").iterdir()) == ["graftr.json", "model_states.pt",
+                                                                   "rng_rank0.safetensors"]
 
-    with pytest.raises(RuntimeError, match="disk full"):  # a save that dies half-way leaves only step-3.tmp
+    # a save that fails half-way (a full disk) is one error; its step-3.tmp is removed, the others are intact
+    with pytest.raises(GraftrError, match="could not save the checkpoint of step 3: cannot write .*model_states.pt: "
+                                          "No space left on device; training stopped .* the checkpoints step-1, "
+                                          "step-2 are intact"):
         checkpoint.save(FakeEngine(fail=True), ckpt, 3, {}, keep=2)
-    assert (ckpt / "step-3.tmp").is_dir() and checkpoint.latest(ckpt) == ckpt / "step-2"
+    assert not (ckpt / "step-3.tmp").exists() and checkpoint.latest(ckpt) == ckpt / "step-2"
+    (ckpt / "step-3.tmp").mkdir()  # what a kill during the save leaves
     (ckpt / "step-10.tmp").mkdir()  # a later, incomplete one does not count either
     assert checkpoint.latest(ckpt) == ckpt / "step-2"
     # step-3.tmp of the failed save is cleared when step 3 is saved again; step-1 rotates out (keep 2)
@@ -429,6 +437,9 @@ def test_checkpoint_save_is_atomic(tmp_path):
     assert checkpoint.latest(ckpt) == ckpt / "step-11" and checkpoint.complete(ckpt)[0] == ckpt / "step-2"
     with pytest.raises(GraftrError, match="step-11 is not a graftr checkpoint"):
         checkpoint.read_meta(ckpt / "step-11")
+    # resume takes the newest that verifies: step-11 has no record, step-3 is whole
+    assert checkpoint.choose(ckpt) == (ckpt / "step-3", [f"{ckpt / 'step-11'}: graftr.json cannot be read ("
+                                       f"[Errno 2] No such file or directory: '{ckpt / 'step-11' / 'graftr.json'}')"])
 
 
 def test_resume_refuses_another_batch_geometry(tmp_path):

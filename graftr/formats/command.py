@@ -56,6 +56,7 @@ def add_arguments(parser) -> None:
                                         "a bundled snapshot); only its structure is read; default: the base recorded "
                                         "in the adapter")
     parser.add_argument("--out", required=True, help="the adapter directory to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it holds an earlier adapter")
 
 
 def main(args) -> int:
@@ -69,13 +70,18 @@ def main(args) -> int:
         what = ("a PEFT adapter (adapter_config.json, no manifest.json)" if source_format == "peft"
                 else "a graftr adapter")
         raise GraftrError(f"{args.adapter} is already {what}; there is nothing to export to --format {target}")
+    from graftr.formats.files import check_out
+    from graftr.formats.graftr import MANIFEST
+    from graftr.formats.peft import CONFIG
+
+    check_out(Path(args.out), MANIFEST if target == "graftr" else CONFIG, force=args.force)
     gm = load_on_structure(args.adapter, args.model, console=console)
     sites = sum(len(plan.sites) for plan in gm.plans)
     kinds = ", ".join(sorted({plan.rule.adapter.kind for plan in gm.plans}))
     if target == "graftr":
         from graftr.formats.graftr import save_adapter
 
-        save_adapter(gm, Path(args.out))
+        save_adapter(gm, Path(args.out), force=args.force)
         adapter = gm.plans[0].rule.adapter
         options = ", ".join(f"{k} {v}" for k, v in adapter.model_dump(exclude={"kind"}).items())
         head = ", ".join(gm.recipe.trainable_modules)
@@ -85,7 +91,7 @@ def main(args) -> int:
         return 0
     from graftr.formats.peft import export_peft
 
-    export_peft(gm, Path(args.out))
+    export_peft(gm, Path(args.out), force=args.force)
     config = json.loads((Path(args.out) / "adapter_config.json").read_text())
     console.print(f"wrote a PEFT {config['peft_type']} adapter ({kinds} on {sites} modules, base "
               f"{config['base_model_name_or_path']}) to {args.out}")

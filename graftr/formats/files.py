@@ -14,23 +14,45 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from graftr.errors import AdapterLoadError, GraftrError
+from graftr.errors import AdapterLoadError, GraftrError, write_failure
 
 
-def write_dir_atomically(out: Path, write: Callable[[Path], None], *, marker: str) -> None:
-    """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``out``, replacing ``out`` only if it holds ``marker``."""
+def check_out(out: Path, marker: str, *, force: bool) -> None:
+    """What :func:`write_dir_atomically` would refuse, checked before any work (``--out`` of merge/export/apply)."""
+    write_dir_atomically(Path(out), None, marker=marker, force=force, check_only=True)
+
+
+def write_dir_atomically(out: Path, write, *, marker: str, force: bool = False,
+                         check_only: bool = False) -> None:
+    """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``out``.
+
+    An existing non-empty ``out`` is replaced only with ``force`` and only if it holds ``marker`` (an earlier output
+    of the same kind); otherwise nothing is written and the error says what is there. A failed write (a full disk)
+    removes the temporary directory and is one :class:`GraftrError`; ``out`` is then unchanged."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise GraftrError(f"{out} exists and is not a graftr output directory; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise GraftrError(f"{out} exists and is a file; refusing to replace it")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" if len(entries) > 3 else "")
+        if not (out / marker).exists():
+            raise GraftrError(f"{out} exists and is not a graftr output directory (it holds {shown}); refusing to "
+                              "replace it")
+        if not force:
+            raise GraftrError(f"{out} exists and holds {len(entries)} files ({shown}); pass --force to replace it")
+    if check_only:
+        return
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -42,31 +64,59 @@ def write_dir_atomically(out: Path, write: Callable[[Path], None], *, marker: st
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = write_failure(e, str(tmp)) if isinstance(e, Exception) else None
+        if reason is None:
+            raise
+        raise GraftrError(f"{reason}; {out} is unchanged") from None
 
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a fsynced ``<name>.tmp`` sibling renamed over it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the old file, and no temporary one
+        raise
 
 
 def read_json_object(file: Path, *, error: type[GraftrError] = AdapterLoadError) -> dict:
     """The JSON object in ``file`` (which the caller has checked exists); ``error`` says what is wrong with it."""
     try:
-        data = json.loads(Path(file).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(Path(file).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise error(f"{file} must hold a JSON object")
+        raise error(f"{file} must hold a JSON object, not a {type(data).__name__}")
     return data
+
+
+@contextmanager
+def open_safetensors(path, *, error: type[GraftrError] = AdapterLoadError):
+    """``safe_open`` of a safetensors file (base checkpoint or adapter) with a damaged file as one ``error``: a
+    header too small or too large, a header that is not JSON, data shorter than the header says."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise error(f"{path} is not a readable safetensors file: {str(e).strip().splitlines()[0]}") from None
+    with handle as f:
+        yield f
+
+
+def read_safetensors(path, *, error: type[GraftrError] = AdapterLoadError) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, a damaged file being one ``error`` (:func:`open_safetensors`)."""
+    with open_safetensors(path, error=error) as f:
+        try:
+            return {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise error(f"{path} is not a readable safetensors file: {str(e).strip().splitlines()[0]}") from None
 
 
 def check_fit(expected: dict[str, tuple], given: dict[str, tuple], *, where: str, target: str,

@@ -17,10 +17,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from graftr.errors import AdapterLoadError, GraftrError
-from graftr.formats.files import check_fit, read_json_object, real_tensors, write_dir_atomically
+from graftr.formats.files import check_fit, read_json_object, read_safetensors, real_tensors, write_dir_atomically
 
 FORMAT = "graftr-adapter"
 FORMAT_VERSION = 1
@@ -71,7 +71,8 @@ def _versions() -> dict[str, str]:
     return {pkg: version(pkg) for pkg in ("graftr", "torch", "transformers")}
 
 
-def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                 force: bool = False) -> Path:
     """Save ``gm``'s trainable tensors, resolved recipe and manifest to ``out_dir`` (atomically).
 
     ``tensors`` replaces the values read from ``gm`` (same names and shapes): the training loop passes the full fp32
@@ -106,19 +107,35 @@ def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, t
         (tmp / RECIPE).write_text(dump_recipe(gm.recipe))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
-    write_dir_atomically(Path(out_dir), write, marker=MANIFEST)
+    write_dir_atomically(Path(out_dir), write, marker=MANIFEST, force=force)
     return Path(out_dir)
+
+
+# what a manifest's fields must be (JSON types); anything else there is damage or hand-editing
+_MANIFEST_TYPES = {"format": str, "format_version": int, "versions": dict, "base_model": (str, type(None)),
+                   "base_class": (str, type(None)), "task": (str, type(None)), "base_config": dict, "tensors": dict,
+                   "training": dict}
 
 
 def read_manifest(path) -> dict:
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    file = path / MANIFEST
+    if not file.is_file():
         raise AdapterLoadError(f"{path} is not a graftr adapter directory (no {MANIFEST})")
-    manifest = read_json_object(path / MANIFEST)
+    manifest = read_json_object(file)
     if manifest.get("format") != FORMAT:
-        raise AdapterLoadError(f"{path / MANIFEST} is not a graftr adapter manifest")
+        raise AdapterLoadError(f"{file} is not a graftr adapter manifest")
+    for key, types in _MANIFEST_TYPES.items():
+        value = manifest.get(key)
+        if key in manifest and (not isinstance(value, types) or isinstance(value, bool)):
+            raise AdapterLoadError(f"{file}: {key} is a {type(value).__name__} ({json.dumps(value)[:40]}); the "
+                                   "manifest is damaged")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterLoadError(f"{path} was written by a newer graftr (format {manifest['format_version']})")
+    id2label = manifest.get("base_config", {}).get("id2label")
+    if id2label is not None and (not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label)):
+        raise AdapterLoadError(f"{file}: base_config.id2label must map label numbers to names; the manifest is "
+                               "damaged")
     return manifest
 
 
@@ -173,7 +190,7 @@ def load_adapter(model, path, *, round_trip: bool = False):
         if not (path / f).is_file():
             raise AdapterLoadError(f"{path} is incomplete: {f} is missing")
     check_base(manifest, model.hf_config if isinstance(model, GraftedModel) else model.config, str(path))
-    recipe = load_recipe(path / RECIPE)
+    recipe = load_recipe(path / RECIPE, local_imports=False)  # data: no code from beside it
     gm = graft(model, recipe, model_id=manifest.get("base_model"), round_trip=round_trip)
-    load_state_into(gm, load_file(str(path / TENSORS)), str(path))
+    load_state_into(gm, read_safetensors(path / TENSORS), str(path))
     return gm

@@ -67,7 +67,7 @@ def import_peft(model, path) -> GraftedModel:
     return kind.from_peft(model, config, _read_tensors(path), str(path))
 
 
-def export_peft(gm: GraftedModel, out_dir) -> Path:
+def export_peft(gm: GraftedModel, out_dir, *, force: bool = False) -> Path:
     """Write ``gm``'s adapters in PEFT's format to ``out_dir`` (atomically). All adapters must be of one kind that
     has a PEFT equivalent: ``ina`` → LoRA (+ ``lora_inhibition``), ``ia3`` → IA3, ``gated_prompt`` →
     AdaptionPrompt (each exporter refuses, with the reason, what PEFT's type cannot express)."""
@@ -87,7 +87,7 @@ def export_peft(gm: GraftedModel, out_dir) -> Path:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    write_dir_atomically(Path(out_dir), write, marker=CONFIG)
+    write_dir_atomically(Path(out_dir), write, marker=CONFIG, force=force)
     return Path(out_dir)
 
 

@@ -34,13 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-port", type=int, help="with --nproc: rendezvous port (default: a free port)")
     parser.add_argument("overrides", nargs="*", metavar="path.to.field=value",
                         help="recipe overrides applied before validation, e.g. train.max_steps=20 train.zero_stage=3")
-    # argparse stops filling a positional list at the first option, so overrides written after --data would be
-    # rejected as unrecognized; collect every leftover KEY=VALUE word into args.overrides instead.
+    # argparse stops filling a positional list at the first option, so words written after --data would be
+    # rejected as unrecognized arguments: every leftover word that is not an option is an override, wherever it
+    # stands, and parse_override judges all of them alike (one error, the same before or after any option).
     parse = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):
         namespace, rest = parse(args, namespace)
-        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        extra = [a for a in rest if not a.startswith("-")]
         namespace.overrides = [*(namespace.overrides or []), *extra]
         return namespace, [a for a in rest if a not in extra]
 

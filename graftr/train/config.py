@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from graftr.configmodel import ConfigModel
 from graftr.data import DataConfig
@@ -37,6 +37,9 @@ from graftr.errors import GraftrError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_EPOCHS = 3  # when neither max_steps nor epochs is set (HF Trainer's num_train_epochs default)
+# AdamW's first step moves a parameter by lr / (1 - beta1) = 10 lr, a float32 in the update: a larger lr overflows
+# inside the optimizer (torch raises at step 1) instead of training.
+MAX_LR = 3.4028234663852886e38 * (1 - 0.9)
 # DeepSpeed keys graftr sets from the recipe and also reads itself (batching, optimizer, schedule, the ZeRO stage
 # that decides outlining and compile): a user JSON may not change them, or graftr and the DeepSpeed engine would
 # disagree. Dotted keys are nested.
@@ -93,6 +96,14 @@ class TrainConfig(ConfigModel):
     outline_layers: bool | Literal["auto"] = Field(
         "auto", description="run each layer as its own submodule so ZeRO-3 gathers one layer at a time; "
         "auto: with ZeRO-3")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_fits_the_optimizer(cls, lr: float) -> float:
+        if lr > MAX_LR:
+            raise ValueError(f"lr {lr:g} overflows AdamW: its first step moves a parameter by 10 × lr, which must be "
+                             f"a float32 (lr at most {MAX_LR:.3g})")
+        return lr
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

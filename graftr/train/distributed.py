@@ -17,7 +17,6 @@ import io
 import os
 import socket
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,33 +45,24 @@ def init_distributed() -> tuple[int, int, int]:
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # said explicitly, DeepSpeed skips its accelerator probe and warning
     import deepspeed
+    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
 
     from graftr.quiet import is_verbose
 
     ds_logger.setLevel("WARNING")  # DeepSpeed's INFO lines would interleave with the progress bar
-    # on CPU it prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every start
+    # DeepSpeed's communication backend JIT-builds its CPU shared-memory op on first start (45-90 s with a C++
+    # compiler, silent; a run killed during the build leaves a lock that makes every later start wait forever).
+    # The op serves only inference_all_reduce (tensor-parallel inference); training's collectives go through
+    # torch.distributed (gloo on CPU) either way. DeepSpeed builds it only if this table says it is compatible,
+    # and keeps the table for the process, so marking it incompatible skips the build, the lock and the 67 MB
+    # shared-memory segment per rank that the op would allocate (and never free).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=False, verbose=False)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if get_accelerator().device_name() == "cpu":
-        _unlink_shm_allreduce_buffer(rank, world)
-    return rank, world, int(os.environ["LOCAL_RANK"])
-
-
-def _unlink_shm_allreduce_buffer(rank: int, world: int) -> None:
-    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
-
-    On CPU, DeepSpeed's process-group set-up creates a 67 MB POSIX shared-memory segment per rank
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it, so every run would leave
-    67 MB per rank of RAM behind in /dev/shm. Unlinking after a barrier keeps the mappings valid for this run.
-    """
-    if world > 1:
-        torch.distributed.barrier()  # every rank has opened every other rank's segment
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
 def gathered_adapter_state(model: nn.Module, *, masters_of=None) -> dict[str, torch.Tensor]:

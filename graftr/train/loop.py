@@ -4,7 +4,8 @@
 
 1. :func:`~graftr.train.distributed.init_distributed` and :func:`setup_device` — the process group, this rank's
    device, the precision it supports;
-2. :func:`starting_point` — a fresh run or the newest complete checkpoint (``--resume``);
+2. :func:`starting_point` — an ``--out`` that can take the run (:func:`check_out`); a fresh run or the newest
+   checkpoint that verifies (``--resume``);
 3. :func:`setup_data` — resolve the model, load its tokenizer, tokenize the train and eval splits;
 4. :func:`setup_model` — build on ``meta``, trace and graft (adapters exist before DeepSpeed sees the model), load
    the real weights into the graph, outline the layers (ZeRO-3), compile (optional);
@@ -12,7 +13,8 @@
 6. :func:`setup_engine` — AdamW over the trainable parameters, the lr schedule, ``deepspeed.initialize``;
 7. :func:`restore` — the checkpoint's parameters, optimizer, scheduler, RNG states and running totals;
 8. the loop: per optimizer step, the micro-batches' forward and backward (:func:`accumulate`), a check that the
-   loss is finite, the step, then logging, evaluation (:func:`run_eval`) and checkpoints when due;
+   step can be applied (:func:`unusable_step`), the step and its gradient norm (:func:`check_gradient`), then
+   logging, evaluation (:func:`run_eval`) and checkpoints when due;
 9. the final evaluation, the adapter (full fp32 tensors gathered from ZeRO, rank 0) and the summary
    (:func:`write_adapter`).
 
@@ -158,16 +160,58 @@ def setup_device(cfg, local_rank: int) -> torch.device:
     return device
 
 
+# what graftr writes into a run's --out; anything else there belongs to someone else
+RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard")
+
+
+def check_out(run: Run, resume: bool) -> None:
+    """Refuse an ``--out`` the run cannot use, before any work: a file, a directory holding files graftr did not
+    write, an earlier run without ``--resume``, or one that cannot be created or written (rank 0 creates it)."""
+    out = run.out
+    if out.exists() and not out.is_dir():
+        raise GraftrError(f"--out {out} is a file, not a directory")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+            raise GraftrError(f"--out {out} holds files that are not a graftr run ({', '.join(foreign[:3])}{more}); "
+                              "choose an empty or new directory")
+        if (out / "adapter").exists() and not (out / "adapter" / "manifest.json").is_file():
+            raise GraftrError(f"--out {out}: {out / 'adapter'} exists and is not a graftr adapter; graftr would "
+                              "replace it at the end of training")
+        earlier = [name for name in ("adapter", "metrics.jsonl") if (out / name).exists()]
+        if earlier and not resume:
+            raise GraftrError(f"--out {out} holds an earlier run ({', '.join(earlier)}); pass --resume to continue "
+                              "it or choose another --out")
+    if run.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GraftrError(f"cannot create --out {out}: {e.strerror or e}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise GraftrError(f"cannot write into --out {out}: permission denied")
+
+
 def starting_point(run: Run, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: step 0); refuses to start over an earlier run without ``--resume``."""
+    """The checkpoint to resume from (None: step 0): the newest that verifies (rank 0 checks, every rank gets its
+    choice); refuses an unusable ``--out`` and starting over an earlier run without ``--resume``."""
     from graftr.train import checkpoint
 
-    start_from = checkpoint.latest(run.checkpoints)
-    if start_from is not None and not resume:
-        raise GraftrError(f"{run.out} holds checkpoints of an earlier run (newest {start_from.name}); pass --resume "
+    check_out(run, resume)  # before any work: an --out that cannot take the run is refused now, not at the end
+    newest = checkpoint.latest(run.checkpoints)
+    if newest is not None and not resume:
+        raise GraftrError(f"{run.out} holds checkpoints of an earlier run (newest {newest.name}); pass --resume "
                           "to continue it or choose another --out")
-    if resume and start_from is None:
-        run.say(f"[yellow]note:[/] --resume: no complete checkpoint in {run.checkpoints}; starting from step 0")
+    start_from = None
+    if resume:
+        start_from, skipped = checkpoint.choose(run.checkpoints)
+        for note in skipped:
+            run.say(f"[yellow]note:[/] --resume skips {note}")
+        if start_from is None and newest is not None:
+            raise GraftrError(f"--resume: no checkpoint in {run.checkpoints} verifies ("
+                              f"{'; '.join(skipped) or 'see rank 0'}); remove them to start the run over")
+        if newest is None:
+            run.say(f"[yellow]note:[/] --resume: no complete checkpoint in {run.checkpoints}; starting from step 0")
     for note in run.cfg.notes():
         run.say(f"[yellow]note:[/] {note}")
     return start_from
@@ -298,6 +342,7 @@ def setup_engine(run: Run, gm, batches: Batches) -> Engine:
     """AdamW (no weight decay on vectors) and the lr schedule over the trainable parameters, handed to DeepSpeed."""
     import deepspeed
 
+    from graftr.train import checkpoint
     from graftr.train.config import deepspeed_config, lr_factor, merge_user_config
 
     cfg = run.cfg
@@ -316,6 +361,7 @@ def setup_engine(run: Run, gm, batches: Batches) -> Engine:
             run.say(f"[yellow]note:[/] {note}")
     engine, _, _, scheduler = deepspeed.initialize(model=gm, optimizer=optimizer, lr_scheduler=scheduler,
                                                    model_parameters=trainable, config=ds_config)
+    checkpoint.install_engine(engine)  # checkpoints load as data only; a failed write is reported, not raised
     return Engine(engine, optimizer, scheduler, [g["weight_decay"] for g in groups])
 
 
@@ -387,30 +433,61 @@ def epoch_batches(data: Data, batches: Batches, step: int):
 
 def accumulate(engine, loader, accumulation: int, device: torch.device) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches. Returns this rank's (loss sum over
-    micro-batches, micro-batches, tokens, non-finite losses)."""
-    stats = torch.zeros(4, dtype=torch.float64, device=device)
+    micro-batches, micro-batches, tokens, non-finite losses, micro-batches without a scored label)."""
+    stats = torch.zeros(5, dtype=torch.float64, device=device)
     for micro in range(accumulation):
         batch = {k: v.to(device) for k, v in next(loader).items()}
         loss = engine(**batch).loss
         engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces gradients at the boundary
         stats += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                              batch["attention_mask"].sum().double(), (~torch.isfinite(loss.detach())).double()])
+                              batch["attention_mask"].sum().double(), (~torch.isfinite(loss.detach())).double(),
+                              ((batch["labels"] != IGNORE_INDEX).sum() == 0).double()])
         if micro < accumulation - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     return stats
 
 
-def non_finite_loss(run: Run, stats: torch.Tensor, step: int) -> GraftrError:
-    """The error that stops a run whose step computed a non-finite loss (nothing of it is applied)."""
+def kept(run: Run) -> str:
+    """What a run stopped by a non-finite value leaves to resume from (the run is deterministic: resumed unchanged
+    from that checkpoint, it computes the same value again)."""
     from graftr.train import checkpoint
 
     last = checkpoint.latest(run.checkpoints)
-    # the run is deterministic: resumed unchanged from that checkpoint, it computes this loss again
-    kept = (f"the newest checkpoint is {last}; to continue, --resume with a lower train.lr (or delete it to resume "
-            "from an older one)" if last else
-            "no checkpoint was saved before it" + (" (save_every is 0)" if not run.cfg.save_every else ""))
-    return GraftrError(f"non-finite loss ({stats[0].item() / stats[1].item()}) at step {step + 1}: training stopped, "
-                       f"nothing after step {step} was applied; {kept}")
+    if last is None:
+        return "no checkpoint was saved before it" + (" (save_every is 0)" if not run.cfg.save_every else "")
+    return f"the newest checkpoint is {last}; to continue, --resume with a lower train.lr (or delete it to resume " \
+           "from an older one)"
+
+
+def unusable_step(run: Run, stats: torch.Tensor, step: int) -> GraftrError | None:
+    """The error that stops a run whose step cannot be applied (nothing of it is): a micro-batch without a label
+    to learn from (the mean over no token is nan: say so, not "lower the lr"), or a non-finite loss."""
+    if stats[4] > 0:
+        return GraftrError(f"step {step + 1}: {int(stats[4].item())} micro-batch(es) have no token to learn from "
+                           "(every label is -100, e.g. train.data.max_length cuts off every response); the loss is "
+                           f"undefined: training stopped, nothing after step {step} was applied")
+    if stats[3] > 0:
+        return GraftrError(f"non-finite loss ({stats[0].item() / stats[1].item()}) at step {step + 1}: training "
+                           f"stopped, nothing after step {step} was applied; {kept(run)}")
+    return None
+
+
+def check_gradient(run: Run, engine, step: int, noted: bool) -> bool:
+    """After the optimizer step ``step`` (1-based): a non-finite gradient norm of a finite loss stops the run (the
+    update was not finite; fp16's loss scaling skips such steps itself); a norm of exactly 0 is said once (the
+    loss cannot improve). Returns whether the zero norm has been said."""
+    grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 without clipping statistics
+    if grad_norm is None:
+        return noted
+    if not math.isfinite(float(grad_norm)) and run.cfg.precision != "fp16":
+        raise GraftrError(f"non-finite gradient norm ({float(grad_norm)}) at step {step}: training stopped before "
+                          f"anything after step {step - 1} was saved; {kept(run)}")
+    if float(grad_norm) == 0.0 and not noted:
+        run.say(f"[yellow]note:[/] the gradient of every trainable tensor is 0 at step {step}: the loss cannot "
+                "improve (do the adapters reach the loss? is every trainable tensor initialised so that its "
+                "gradient vanishes?)")
+        return True
+    return noted
 
 
 class Window:
@@ -490,7 +567,8 @@ def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Bat
                "tokens_per_s": progress.tokens / max(progress.train_seconds, 1e-9), "trainable_params": n_trainable,
                "total_params": n_total, "world_size": run.world, "adapter": str(run.out / "adapter")}
     if run.main:
-        save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary})
+        # the run's own adapter/ (check_out made sure it is one): a resumed run replaces it
+        save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary}, force=True)
         rows = [("steps", f"{step} ({summary['epochs']:.2f} epochs)"),
                 ("final eval", eval_text(last_eval) if last_eval else "no eval split"),
                 ("best eval", f"{eval_text(best)} (step {best['step']})" if best else "-"),
@@ -528,9 +606,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     engine = ds.engine
     schedule = schedule_settings(run, batches)
     progress = restore(run, ds, batches, start_from, fingerprint=resumed, schedule=schedule)
-    if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(run.out, resume_step=progress.step) if run.main else None
+    recorder = Recorder(run.out, resume_step=progress.step, console=console) if run.main else None
     n_trainable, n_total = counts
     mbs, accum, total = batches.micro_batch_size, batches.accumulation, batches.total
     say(f"training [bold]{n_trainable:,}[/] of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%) on "
@@ -540,6 +616,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
 
     if batches.eval_loader is not None and progress.step == 0:
         run_eval(run, engine, batches, progress, data.task, recorder)  # the curve starts from the base model
+    flat_noted = False
     window, timed = Window(), Window()  # since the last log line; over the run (the bar's speed)
     first = True  # this process's first step: start-up, left out of the speed
     bar = progress_bar(console) if run.main else None
@@ -556,9 +633,10 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                 lr = ds.optimizer.param_groups[0]["lr"]  # the lr this step runs at
                 stats = accumulate(engine, loader, accum, device)
                 dist.all_reduce(stats)  # every rank decides the same way below
-                if stats[3] > 0:  # never apply a step computed from a non-finite loss
-                    raise non_finite_loss(run, stats, progress.step)
+                if (error := unusable_step(run, stats, progress.step)) is not None:  # never applied
+                    raise error
                 engine.step()  # the boundary: clip, optimizer step, scheduler step, zero the gradients
+                flat_noted = check_gradient(run, engine, progress.step + 1, flat_noted)
                 loss, tokens = stats[0].item() / stats[1].item(), int(stats[2].item())
                 seconds = time.perf_counter() - t_step
                 progress.step += 1
