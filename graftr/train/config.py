@@ -99,8 +99,8 @@ class TrainConfig(ConfigModel):
 
     @field_validator("lr")
     @classmethod
-    def _lr_fits_the_optimizer(cls, lr: float) -> float:
-        if lr > MAX_LR:
+    def _lr_fits_the_optimizer(cls, lr: float | None) -> float | None:
+        if lr is not None and lr > MAX_LR:
             raise ValueError(f"lr {lr:g} overflows AdamW: its first step moves a parameter by 10 × lr, which must be "
                              f"a float32 (lr at most {MAX_LR:.3g})")
         return lr
