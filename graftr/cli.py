@@ -234,6 +234,7 @@ COMMAND_MODULES = {
     "eval": ("graftr.evaluate", "evaluate a grafted model: loss/perplexity or accuracy on a dataset, or lm-eval "
                                 "benchmarks (--tasks)"),
     "plot": ("graftr.plot", "draw the train/eval loss (and accuracy) of one or more runs into a PNG"),
+    "estimate": ("graftr.estimate", "a training run's memory per rank, from the config alone (no weights read)"),
 }
 
 

@@ -286,6 +286,30 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
         return (sum(p.numel() for p in params if p.requires_grad),
                 sum(p.numel() for p in params) + stored_numel(self))
 
+    # ---- activation checkpointing (transformers' PreTrainedModel interface) -------------------------------------
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations (see
+        :mod:`graftr.checkpointing`); outlines the layers if they are not yet. ``gradient_checkpointing_kwargs``
+        are passed to ``torch.utils.checkpoint.checkpoint`` (``preserve_rng_state``, ``determinism_check``,
+        ``debug``; graftr always uses ``use_reentrant=False``)."""
+        from graftr import checkpointing
+
+        checkpointing.enable(self, gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every layer's activations for backward again."""
+        from graftr import checkpointing
+
+        checkpointing.disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from graftr import checkpointing
+
+        return checkpointing.enabled(self)
+
     # ---- merging -------------------------------------------------------------------------------------------
     def merge_(self) -> "GraftedModel":
         """Fold every adapter into its site's base weights and remove it from the graph (in place).
@@ -303,6 +327,10 @@ class MergeAdapters(GraphPass):
     name = "merge_adapters"
 
     def requires(self, gm: GraftedModel) -> None:
+        if getattr(gm, "graftr_outlined", None):
+            raise MergeError("merge_ works on the flat graph, and this model's layers are outlined"
+                             + (" (call gradient_checkpointing_disable() first)" if gm.is_gradient_checkpointing
+                                else ""))
         for site in gm.site_index.all():
             if not site.adapters:
                 continue

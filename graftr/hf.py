@@ -279,18 +279,10 @@ class HFModelMixin(PreTrainedModel, GenerationMixin):
     def tie_weights(self, *args, **kwargs) -> None:
         """Nothing to do: tied parameters were traced as one parameter and stay one."""
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Replaced by GraftedModel's own activation checkpointing where graftr has it (the scale issue's
-        ``GraftedModel.gradient_checkpointing_enable``); until then a clear refusal."""
-        raise GraftrError("activation checkpointing of a grafted model is not available in this graftr build; "
-                          "train without it (TrainingArguments/SFTConfig activation_checkpointing=False)")
-
-    def gradient_checkpointing_disable(self) -> None:
-        """Nothing to disable where :meth:`gradient_checkpointing_enable` refuses."""
-
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
-        """transformers 5's name, which ``Trainer`` calls: graftr's checkpointing of every decoder layer."""
+        """transformers 5's name, which ``Trainer`` calls: graftr's checkpointing of every decoder layer
+        (``GraftedModel.gradient_checkpointing_enable``, :mod:`graftr.checkpointing`)."""
         if every_n_layers != 1 or offload:
             raise GraftrError("a grafted model checkpoints every layer, without offloading "
                               "(activation_checkpointing_kwargs every_n_layers/offload are not supported)")

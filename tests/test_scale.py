@@ -133,3 +133,168 @@ def test_apply_takes_a_dtype(root, capsys):
     # tiny Llama: 2 layers of 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32 weights, 2 * (V * 32) embeddings + final norm
     base = sum(p.numel() for n, p in _grafted(root, "fp32", "fp32").named_parameters() if "lora" not in n)
     assert f"base weights in bfloat16: {2 * base / 2**30:.2f} GiB; adapters float32" in text
+
+
+# ---- 2. activation checkpointing ---------------------------------------------------------------------------
+
+DROPOUT_RULE = ('{name: ina_qv, match: {path: "model.layers.*.self_attn.{q_proj,v_proj}"}, '
+                'adapter: {kind: ina, rank: 4, alpha: 8, dropout: 0.3}}')
+
+
+def _tiny_grafted(seed: int = 0):
+    from zoo import tiny_model
+
+    gm = graft(tiny_model("llama", seed=seed, attention_dropout=0.2),
+               parse_recipe(f"name: t\nrules:\n  - {DROPOUT_RULE}\n")).train()
+    with torch.no_grad():  # B away from 0, so the adapters change the output and their dropout matters
+        for p in gm.adapter_state_dict().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    return gm
+
+
+def _steps(gm, ids, n: int = 2):
+    torch.manual_seed(1)
+    losses = []
+    for _ in range(n):
+        loss = gm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in gm.adapter_state_dict().items()}
+
+
+def _held_for_backward(gm, ids) -> int:
+    """Bytes a training forward allocates and still holds when backward starts (CPU allocator, profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = gm(input_ids=ids, labels=ids).loss
+    held = sum(e.self_cpu_memory_usage for e in prof.events())
+    loss.backward()
+    return held
+
+
+def test_checkpointing_gives_the_same_losses_and_gradients_with_dropout():
+    ids = torch.randint(3, 128, (2, 24))
+    reference = _steps(_tiny_grafted(), ids)
+    gm = _tiny_grafted()
+    gm.gradient_checkpointing_enable()
+    assert gm.is_gradient_checkpointing and gm.graftr_outlined == ["model.layers.0", "model.layers.1"]
+    assert sum(n.target.__name__ == "run_layer" for n in gm.graph.nodes if n.op == "call_function") == 2
+    losses, grads = _steps(gm, ids)
+    assert losses == reference[0]  # bit for bit: the recompute draws the same dropout masks
+    assert sorted(grads) == sorted(reference[1]) and len(grads) == 8
+    for name, g in grads.items():
+        assert torch.equal(g, reference[1][name]), name
+    # without the restored random state the recompute draws other masks and the gradients differ
+    gm.gradient_checkpointing_enable({"preserve_rng_state": False})
+    for p in gm.parameters():
+        p.grad = None
+    assert any(not torch.equal(g, reference[1][n]) for n, g in _steps(gm, ids)[1].items())
+
+
+def test_checkpointing_lowers_the_memory_held_for_backward():
+    ids = torch.randint(3, 128, (2, 48))
+    gm = _tiny_grafted()
+    plain = _held_for_backward(gm, ids)
+    gm.gradient_checkpointing_enable()
+    checkpointed = _held_for_backward(gm, ids)
+    assert checkpointed < 0.75 * plain, (checkpointed, plain)
+
+
+def test_gradient_checkpointing_disable_restores_the_flat_graph():
+    gm = _tiny_grafted()
+    flat = gm.code
+    gm.gradient_checkpointing_enable()
+    with pytest.raises(Exception, match="gradient_checkpointing_disable"):
+        gm.merge_()
+    gm.gradient_checkpointing_disable()
+    assert not gm.is_gradient_checkpointing and gm.graftr_outlined == [] and gm.code == flat
+    ids = torch.randint(3, 128, (1, 8))
+    gm.eval()
+    with torch.no_grad():
+        before = gm(input_ids=ids).logits
+    gm.gradient_checkpointing_enable()
+    with torch.no_grad():
+        assert torch.equal(gm(input_ids=ids).logits, before)  # eval: no recompute, same values
+
+
+def test_gradient_checkpointing_kwargs_are_checked():
+    from graftr.errors import GraftrError
+
+    gm = _tiny_grafted()
+    with pytest.raises(GraftrError, match="use_reentrant=True is not supported"):
+        gm.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(GraftrError, match=r"\['context_fn'\] are not supported"):
+        gm.gradient_checkpointing_enable({"context_fn": None})
+    gm.gradient_checkpointing_enable({"use_reentrant": False})
+    assert gm.is_gradient_checkpointing
+
+
+CKPT_TRAIN = """
+max_steps: 3
+micro_batch_size: 4
+lr: 0.02
+lr_schedule: constant
+log_every: 1
+data: {format: alpaca, max_length: 96, eval_split: null}
+"""
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_train_with_checkpointing_equals_without(root, tmp_path, capsys, compile):
+    rec = recipe(tmp_path / "r.yaml", [DROPOUT_RULE], CKPT_TRAIN)
+    runs = {}
+    for mode in ("none", "layers"):
+        out = tmp_path / mode
+        log = train_here(capsys, rec, "--model", str(root / "fp32"), "--data", str(root / "alpaca.jsonl"),
+                         "--out", str(out), f"train.activation_checkpointing={mode}", f"train.compile={compile}")
+        assert ("activation checkpointing: 2 layers recomputed in backward" in log) == (mode == "layers")
+        assert "measured peak memory per rank (cpu)" in log
+        runs[mode] = out
+    assert [r["loss"] for r in records(runs["layers"])] == pytest.approx([r["loss"] for r in records(runs["none"])],
+                                                                         rel=1e-6 if compile else 0)
+    a, b = (load_file(str(runs[m] / "adapter" / "adapter.safetensors")) for m in ("none", "layers"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6 if compile else 0), name
+
+
+@pytest.mark.slow  # two processes through the DeepSpeed launcher, twice
+def test_checkpointing_under_two_process_zero3_equals_without(root, tmp_path):
+    from test_train import graftr_train
+
+    rec = recipe(tmp_path / "r.yaml", [DROPOUT_RULE], CKPT_TRAIN.replace("micro_batch_size: 4", "micro_batch_size: 2"))
+    common = [rec, "--model", str(root / "bf16"), "--data", str(root / "alpaca.jsonl"), "--nproc", "2",
+              "train.zero_stage=3", "train.precision=bf16"]
+    logs = {m: graftr_train(*common, "--out", str(tmp_path / m), f"train.activation_checkpointing={m}", cwd=tmp_path)
+            for m in ("none", "layers")}
+    assert "activation checkpointing: 2 layers recomputed in backward" in logs["layers"]
+    assert "outlined 2 layers: ZeRO-3 gathers one layer's parameters at a time" in logs["none"]
+    assert [r["loss"] for r in records(tmp_path / "layers")] == [r["loss"] for r in records(tmp_path / "none")]
+    a, b = (load_file(str(tmp_path / m / "adapter" / "adapter.safetensors")) for m in ("none", "layers"))
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---- 3. the memory estimate ----------------------------------------------------------------------------------
+
+def test_estimate_counts_from_the_config_alone(root, capsys):
+    path = root / "est.yaml"
+    path.write_text(f"name: e\nrules:\n  - {INA_QV}\ntrain: {{max_steps: 2, lr: 0.01, micro_batch_size: 2, "
+                    "data: {format: text, max_length: 64}}\n")
+    from graftr.estimate import estimate
+    from graftr.recipe import load_recipe
+
+    one = estimate(load_recipe(path, ["train.precision=bf16", "train.zero_stage=2"]), str(root / "bf16"), 1)
+    three = estimate(load_recipe(path, ["train.precision=bf16", "train.zero_stage=3"]), str(root / "bf16"), 2)
+    n_base, n_tr = one.counts["base"], one.counts["trainable"]
+    assert n_tr == 2 * 2 * 4 * (32 + 32)  # 2 layers, q and v, rank 4, A and B of 32 features
+    assert one.base == 2 * n_base and three.base == n_base  # bf16, whole vs ZeRO-3 over 2 ranks
+    assert three.gathered_layer > 0 == one.gathered_layer
+    assert 0 < one.activations_checkpointed < one.activations
+    capsys.readouterr()
+    assert cli.main(["estimate", str(path), "--model", str(root / "bf16"), "--nproc", "2", "train.zero_stage=3",
+                     "train.activation_checkpointing=layers"]) == 0
+    assert "memory estimate per rank" in capsys.readouterr().out

@@ -21,6 +21,11 @@ from graftr import fxmeta
 from graftr.errors import MergeError
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also while ZeRO-3 holds it partitioned (its data is then empty: ``ds_shape``)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 class Adapter(nn.Module):
     """Everything a kind knows lives on its module class, in the kind's one file: how it is built from a site
     (:meth:`from_site`, :meth:`shared_for_rule`), inserted (:meth:`graft`), merged (linear kinds:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from graftr.adapters.base import LinearAdapter
+from graftr.adapters.base import LinearAdapter, full_shape
 from graftr.errors import GraftrError
 from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
@@ -78,7 +78,7 @@ class IA3(LinearAdapter):
         return merged, bias
 
     def extra_repr(self) -> str:
-        return f"{self.position}, features={self.ia3_l.numel()}"
+        return f"{self.position}, features={full_shape(self.ia3_l).numel()}"
 
 
 # ---- IA3 (graftr kind `ia3`) -------------------------------------------------------------------------------------

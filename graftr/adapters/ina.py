@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from graftr.adapters.base import LinearAdapter
+from graftr.adapters.base import LinearAdapter, full_shape
 from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
 from graftr.grafted import GraftedModel, graft
@@ -142,7 +142,7 @@ class InA(LinearAdapter):
         return (weight.float() + delta.to(weight.device)).to(weight.dtype), bias
 
     def extra_repr(self) -> str:
-        return (f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, rank={self.rank}, scaling={self.scaling:g}, "
+        return (f"in={full_shape(self.lora_A)[1]}, out={full_shape(self.lora_B)[0]}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"inhibition={self.inhibition}, activation={self.activation if self.inhibition > 0 else 'none'}")
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftr.adapters.base import full_shape
+
 ACTIVATIONS = {
     "relu": F.relu,
     "leaky_relu": lambda t: F.leaky_relu(t, negative_slope=0.1),  # the official code's nn.LeakyReLU(0.1)
@@ -79,7 +81,7 @@ class Hypernetwork(nn.Module):
         return self.mlp(self.layer_embedding[layer].float()).view(self.length, self.dim)
 
     def extra_repr(self) -> str:
-        return f"layers={self.layer_embedding.shape[0]}, length={self.length}, dim={self.dim}"
+        return f"layers={full_shape(self.layer_embedding)[0]}, length={self.length}, dim={self.dim}"
 
 
 class SharedMLP(nn.Module):

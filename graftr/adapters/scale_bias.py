@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from graftr.adapters.base import LinearAdapter
+from graftr.adapters.base import LinearAdapter, full_shape
 from graftr.registry import AdapterConfig, register_adapter
 
 PEFT_REFUSAL = ("scale_bias has no HF PEFT equivalent (PEFT has no tuner adding a bias and a scale per output "
@@ -65,4 +65,4 @@ class ScaleBias(LinearAdapter):
         return merged, (new_bias * s).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"features={self.scale.numel()}"
+        return f"features={full_shape(self.scale).numel()}"

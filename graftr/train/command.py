@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-port", type=int, help="with --nproc: rendezvous port (default: a free port)")
     parser.add_argument("overrides", nargs="*", metavar="path.to.field=value",
                         help="recipe overrides applied before validation, e.g. train.max_steps=20 train.zero_stage=3")
+    collect_overrides(parser)
+
+
+def collect_overrides(parser: argparse.ArgumentParser) -> None:
+    """Make every leftover word that is not an option part of ``args.overrides`` (a positional list)."""
     # argparse stops filling a positional list at the first option, so words written after --data would be
     # rejected as unrecognized arguments: every leftover word that is not an option is an override, wherever it
     # stands, and parse_override judges all of them alike (one error, the same before or after any option).

@@ -95,7 +95,10 @@ class TrainConfig(ConfigModel):
     compile: bool = Field(False, description="torch.compile the rewritten graph (dynamic shapes; not with ZeRO-3)")
     outline_layers: bool | Literal["auto"] = Field(
         "auto", description="run each layer as its own submodule so ZeRO-3 gathers one layer at a time; "
-        "auto: with ZeRO-3")
+        "auto: with ZeRO-3 or activation checkpointing")
+    activation_checkpointing: Literal["none", "layers"] = Field(
+        "none", description="layers: recompute each decoder layer in backward instead of keeping its activations "
+        "(dropout masks restored: same results, less memory, one more forward per step)")
 
     @field_validator("lr")
     @classmethod
@@ -116,11 +119,17 @@ class TrainConfig(ConfigModel):
         if self.compile and self.zero_stage == 3:
             raise ValueError("compile does not work with zero_stage 3: ZeRO-3 gathers parameters while the graph "
                              "runs, which torch.compile cannot trace; use zero_stage 0-2 or compile: false")
+        if self.activation_checkpointing == "layers" and self.outline_layers is False:
+            raise ValueError("activation_checkpointing: layers recomputes outlined layers; it needs outline_layers "
+                             "true or auto")
         return self
 
     def outline(self) -> bool:
-        """Whether the layers are outlined: ``auto`` means under ZeRO-3, where it saves memory."""
-        return self.zero_stage == 3 if self.outline_layers == "auto" else bool(self.outline_layers)
+        """Whether the layers are outlined: ``auto`` means under ZeRO-3, where it saves memory, or with activation
+        checkpointing, which recomputes outlined layers."""
+        if self.outline_layers == "auto":
+            return self.zero_stage == 3 or self.activation_checkpointing == "layers"
+        return bool(self.outline_layers)
 
     def notes(self) -> list[str]:
         """Options that have no effect as set (torchtitan's rule: never ignore an option silently)."""
@@ -129,7 +138,7 @@ class TrainConfig(ConfigModel):
             notes.append(f"train.epochs ({self.epochs}) is ignored: train.max_steps ({self.max_steps}) wins")
         if self.save_every == 0 and "keep_checkpoints" in self.model_fields_set:
             notes.append("train.keep_checkpoints has no effect: save_every is 0, so no checkpoint is written")
-        if self.outline_layers is True and self.zero_stage != 3:
+        if self.outline_layers is True and self.zero_stage != 3 and self.activation_checkpointing == "none":
             notes.append("train.outline_layers: true only changes what ZeRO-3 gathers; with zero_stage "
                          f"{self.zero_stage} the layers are still outlined but nothing is saved")
         return notes

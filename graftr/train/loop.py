@@ -289,7 +289,11 @@ def setup_model(run: Run, recipe, data: Data, device: torch.device):
         gm.hf_config.label2id = {name: i for i, name in enumerate(data.label_names)}
     if cfg.outline():
         outline_layers(gm)  # each layer a submodule: ZeRO-3 gathers and frees one layer at a time
-        run.say(f"[dim]outlined {len(gm.graftr_outlined)} layers: ZeRO-3 gathers one layer's parameters at a time[/]")
+        run.say(f"[dim]outlined {len(gm.graftr_outlined)} layers" + (
+            ": ZeRO-3 gathers one layer's parameters at a time" if cfg.zero_stage == 3 else "") + "[/]")
+    if cfg.activation_checkpointing == "layers":
+        gm.gradient_checkpointing_enable()  # each outlined layer recomputed in backward (graftr.checkpointing)
+        run.say(f"[dim]activation checkpointing: {len(gm.graftr_outlined)} layers recomputed in backward[/]")
     if device.type != "cpu":
         set_graph_device(gm, device)  # materialize() made the graph's device constants CPU
     gm.train()
@@ -359,6 +363,10 @@ def setup_engine(run: Run, gm, batches: Batches) -> Engine:
         ds_config, overridden = merge_user_config(ds_config, cfg.deepspeed_config)
         for note in overridden:
             run.say(f"[yellow]note:[/] {note}")
+    if cfg.zero_stage == 3:
+        from graftr.train.precision import partition_zero3
+
+        partition_zero3(gm, ds_config, PRECISIONS[cfg.precision])  # one parameter at a time (see there)
     engine, _, _, scheduler = deepspeed.initialize(model=gm, optimizer=optimizer, lr_scheduler=scheduler,
                                                    model_parameters=trainable, config=ds_config)
     checkpoint.install_engine(engine)  # checkpoints load as data only; a failed write is reported, not raised
@@ -550,8 +558,24 @@ def draw_plot(run: Run, recorder) -> None:
     plot_run(run.out, run.title)
 
 
+def measured_peaks(run: Run, memory) -> list:
+    """Every rank's measured peak memory (:mod:`graftr.train.memory`; a collective), printed by rank 0."""
+    import torch.distributed as dist
+
+    from graftr.train.memory import gib
+
+    peak = memory.stop()
+    peaks = [None] * run.world
+    dist.all_gather_object(peaks, peak)
+    run.say(f"measured peak memory per rank ({peak.device}): " + ", ".join(gib(p.peak) for p in peaks)
+            + f" (sum {gib(sum(p.peak for p in peaks))})"
+            + ("" if peak.anon is None else "; private (anonymous) part: " + ", ".join(gib(p.anon) for p in peaks)
+               + f" (sum {gib(sum(p.anon for p in peaks))})"))
+    return peaks
+
+
 def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Batches, counts: tuple[int, int],
-                  console) -> dict:
+                  console, memory) -> dict:
     """Gather the full fp32 adapter tensors (a collective: all ranks), write the adapter with the run's summary
     (rank 0) and print it; ``counts`` are the trainable and all parameters. Returns the summary."""
     from graftr.formats.graftr import save_adapter
@@ -561,11 +585,13 @@ def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Bat
     tensors = gathered_adapter_state(gm, masters_of=engine)
     n_trainable, n_total = counts
     elapsed = time.perf_counter() - run.started
+    peaks = measured_peaks(run, memory)
     step, best, last_eval = progress.step, progress.best, progress.last_eval
     summary = {"steps": step, "epochs": step / batches.steps_per_epoch, "final_eval": last_eval, "best_eval": best,
                "train_seconds": progress.train_seconds, "elapsed_seconds": elapsed,
                "tokens_per_s": progress.tokens / max(progress.train_seconds, 1e-9), "trainable_params": n_trainable,
-               "total_params": n_total, "world_size": run.world, "adapter": str(run.out / "adapter")}
+               "total_params": n_total, "world_size": run.world, "adapter": str(run.out / "adapter"),
+               "peak_memory": [p.peak for p in peaks], "peak_private_memory": [p.anon for p in peaks]}
     if run.main:
         # the run's own adapter/ (check_out made sure it is one): a resumed run replaces it
         save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary}, force=True)
@@ -587,12 +613,14 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     import torch.distributed as dist
 
     from graftr.train import checkpoint
+    from graftr.train.memory import PeakMemory
     from graftr.train.metrics import Recorder, progress_bar
 
     say = console.print if rank == 0 else (lambda *a, **k: None)
     run = Run(recipe.train, Path(out), rank, world, say, title=f"{recipe.name} on {model_id}")
     cfg = run.cfg
     device = setup_device(cfg, local_rank)
+    memory = PeakMemory(device)  # before any weight is read
     if not model_id:
         raise GraftrError("no model given: pass --model (a model directory with weights) or set the recipe's model")
     start_from = starting_point(run, resume)
@@ -677,6 +705,6 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         if recorder is not None:
             recorder.close()
 
-    summary = write_adapter(run, recipe, gm, engine, progress, batches, counts, console)
+    summary = write_adapter(run, recipe, gm, engine, progress, batches, counts, console, memory)
     dist.barrier()  # no rank leaves before the adapter is written
     return summary

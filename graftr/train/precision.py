@@ -50,3 +50,22 @@ def full_fp32(engine, params: list[nn.Parameter]) -> list[torch.Tensor]:
             value = safe_get_full_fp32_param(p)  # ZeRO partitions (None without them: p is the value)
         out.append((p if value is None else value).detach().float().cpu())
     return out
+
+
+def partition_zero3(gm: nn.Module, ds_config: dict, dtype: torch.dtype) -> None:
+    """Partition every parameter of ``gm`` across the ranks now, one parameter at a time (ZeRO-3).
+
+    ``deepspeed.initialize`` given a model whose parameters are whole first broadcasts the whole model from rank 0
+    and only then partitions it. The weights were streamed from the checkpoint as copy-on-write mappings, so that
+    broadcast would make every other rank write, and so hold, a private copy of all of them (13.5 GB per rank for
+    Llama-2-7B). ``deepspeed.zero.Init(module=...)`` broadcasts and partitions parameter by parameter instead, and
+    ``deepspeed.initialize`` then takes the model as already partitioned. As DeepSpeed would for a whole model, the
+    trainable parameters are first cast to the training dtype (the optimizer keeps their fp32 masters).
+    """
+    import deepspeed
+
+    if dtype != torch.float32:
+        for p in gm.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    deepspeed.zero.Init(module=gm, config_dict_or_path=ds_config, dtype=dtype, mem_efficient_linear=False)

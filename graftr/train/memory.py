@@ -1,0 +1,73 @@
+"""The memory a training process used: its peak, measured, to print beside the estimate (``graftr estimate``).
+
+On CPU the figure is the kernel's high-water mark of the process's resident memory (``VmHWM``) above its
+resident memory when training started (after the imports and the process group, before any weight is read): the
+weights (mapped from the checkpoint or copied), ZeRO partitions and gathered layers, gradients, optimizer states
+and activations. The checkpoint's pages are shared between the processes of one machine, so the sum over ranks
+counts them once per rank; a sampler also records the peak of the private (anonymous) part, ``RssAnon``, which
+is this rank's own. On a GPU the figure is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def _status() -> dict[str, int]:
+    """Resident-memory fields of /proc/self/status, in bytes."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+@dataclass
+class Peak:
+    peak: int  # bytes above the start (CPU: VmHWM - VmRSS at start; GPU: max allocated)
+    anon: int | None  # CPU: sampled peak of the private resident memory above the start
+    device: str
+
+
+class PeakMemory:
+    """Start at the beginning of training; :meth:`stop` returns the :class:`Peak`."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05):
+        self.device = device
+        self.cpu = device.type == "cpu" and Path("/proc/self/status").is_file()
+        self._stop = threading.Event()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device)
+        elif self.cpu:
+            status = _status()
+            self.start, self.anon_start = status["VmRSS"], status.get("RssAnon", 0)
+            self.anon_peak = self.anon_start
+            self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+            self._thread.start()
+        else:
+            self.start = 0
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.anon_peak = max(self.anon_peak, _status().get("RssAnon", 0))
+
+    def stop(self) -> Peak:
+        if self.device.type == "cuda":
+            return Peak(torch.cuda.max_memory_allocated(self.device) - self.start, None, "cuda")
+        if not self.cpu:
+            return Peak(0, None, self.device.type)
+        self._stop.set()
+        self._thread.join()
+        status = _status()
+        self.anon_peak = max(self.anon_peak, status.get("RssAnon", 0))
+        return Peak(status["VmHWM"] - self.start, self.anon_peak - self.anon_start, "cpu")
+
+
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f} GiB"
