@@ -290,7 +290,7 @@ def test_estimate_counts_from_the_config_alone(root, capsys):
     one = estimate(load_recipe(path, ["train.precision=bf16", "train.zero_stage=2"]), str(root / "bf16"), 1)
     three = estimate(load_recipe(path, ["train.precision=bf16", "train.zero_stage=3"]), str(root / "bf16"), 2)
     n_base, n_tr = one.counts["base"], one.counts["trainable"]
-    assert n_tr == 2 * 2 * 4 * (32 + 32)  # 2 layers, q and v, rank 4, A and B of 32 features
+    assert n_tr == 2 * (4 * (32 + 32) + 4 * (32 + 16))  # 2 layers, rank 4: q 32 -> 32, v 32 -> 16 (2 kv heads)
     assert one.base == 2 * n_base and three.base == n_base  # bf16, whole vs ZeRO-3 over 2 ranks
     assert three.gathered_layer > 0 == one.gathered_layer
     assert 0 < one.activations_checkpointed < one.activations
