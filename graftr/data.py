@@ -68,6 +68,7 @@ _FORMAT_OPTIONS = {
     "label_column": ("classification",),
     "messages_column": ("chat",),
     "prompt_template": ("alpaca",),
+    "image_column": ("alpaca", "chat"),
 }
 
 # File extension -> (datasets builder, builder options).
@@ -98,6 +99,7 @@ class DataConfig(ConfigModel):
     label_column: str = "label"
     messages_column: str = "messages"
     prompt_template: str = "alpaca"  # a key of PROMPT_TEMPLATES
+    image_column: str | None = None  # alpaca/chat: a column of image file paths, relative to the data file's folder
     eval_fraction: float | None = Field(None, gt=0, lt=1)  # carve a seeded eval split out of train if none exists
     limit: int | None = Field(None, ge=1)  # keep only the first N train examples (before any eval_fraction carve)
 
@@ -362,7 +364,7 @@ def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: 
     names = None
     if cfg.format == "classification":
         names = _label_names(splits, cfg, label_names)
-    encode = _encoder(cfg, tokenizer, task, names)
+    encode = _encoder(cfg, tokenizer, task, names, _image_root(source))
     built, longest = [None] if eval_only else [], 0
     for where, ds in splits[1:] if eval_only else splits:
         if cfg.packing:
@@ -473,20 +475,43 @@ def _length(example: dict) -> int:
     return max(len(example["input_ids"]), len(labels) if isinstance(labels, list) else 0)
 
 
-def _encoder(cfg: DataConfig, tokenizer, task: str, names: list[str] | None) -> Callable:
+def _encoder(cfg: DataConfig, tokenizer, task: str, names: list[str] | None, image_root: Path) -> Callable:
     """``encode(ds, where, truncate) -> examples`` for the format and task."""
     def encode(ds: datasets.Dataset, where: str, truncate: bool) -> list[dict]:
         limit = cfg.max_length if truncate else None
         if cfg.format == "classification":
             return _classification(ds, where, cfg, tokenizer, names, limit)
         if cfg.format == "chat":
-            return _chat(ds, where, cfg, tokenizer, limit)
-        if cfg.format == "text":
+            examples = _chat(ds, where, cfg, tokenizer, limit)
+        elif cfg.format == "text":
             return _text(ds, where, cfg, tokenizer, limit)
-        if task == "seq2seq_lm":
-            return _alpaca_seq2seq(ds, where, cfg, tokenizer, limit)
-        return _alpaca_causal(ds, where, cfg, tokenizer, limit)
+        elif task == "seq2seq_lm":
+            examples = _alpaca_seq2seq(ds, where, cfg, tokenizer, limit)
+        else:
+            examples = _alpaca_causal(ds, where, cfg, tokenizer, limit)
+        if cfg.image_column is not None:
+            for example, image in zip(examples, _images(ds, cfg.image_column, where, image_root)):
+                example["image"] = image
+        return examples
     return encode
+
+
+def _image_root(source: str) -> Path:
+    """The folder image paths are relative to: the data file's, the data directory itself, else the working one."""
+    path = Path(source).expanduser()
+    return (path if path.is_dir() else path.parent if path.is_file() else Path.cwd()).resolve()
+
+
+def _images(ds: datasets.Dataset, column: str, where: str, root: Path) -> list[str]:
+    """The absolute image path of every example; each must be an existing file."""
+    paths = []
+    for i, value in enumerate(_strings(ds, column, where)):
+        path = root / value
+        if not value or not path.is_file():
+            raise GraftrError(f"example {i} of {where}: image {value!r} is not a file (image paths are relative to "
+                              f"{root})")
+        paths.append(str(path))
+    return paths
 
 
 # --------------------------------------------------------------------------------------------- formats
@@ -683,16 +708,25 @@ class Collator:
     from the inputs); class labels become one tensor. ``pad_to_multiple_of`` rounds the padded lengths up.
     """
 
-    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None, image_processor=None):
         _ensure_pad_token(tokenizer)
         self.pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0,
                            "labels": IGNORE_INDEX}
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.image_processor = image_processor  # examples with an "image" path get pixel_values through it
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = {}
         for key in examples[0]:
             values = [example[key] for example in examples]
+            if key == "image":
+                if self.image_processor is None:
+                    raise GraftrError("the data has images (image_column) but the model takes none: its recipe "
+                                      "has no vision: section")
+                from graftr.vision import pixel_values
+
+                batch["pixel_values"] = pixel_values(self.image_processor, values)
+                continue
             batch[key] = (torch.tensor(values, dtype=torch.long) if isinstance(values[0], int)
                           else self._pad(values, self.pad_values[key]))
         return batch

@@ -126,6 +126,7 @@ def main(args) -> int:
     from graftr.load import load_for_inference
     from graftr.names import DTYPES
     from graftr.models import load_tokenizer
+    from graftr.vision import processor_for
 
     if args.tasks is not None:  # lm-evaluation-harness benchmarks (graftr.harness)
         from graftr import harness
@@ -161,7 +162,8 @@ def main(args) -> int:
         raise GraftrError(f"{args.data} has no split '{cfg.eval_split}'; pass --split")
     for note in info.notes:
         console.print(f"[yellow]note:[/] {note}")
-    loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, collate_fn=Collator(tokenizer))
+    collator = Collator(tokenizer, image_processor=processor_for(loaded.gm))
+    loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, collate_fn=collator)
     metrics = evaluate(loaded.gm, loader)
     table = Table(title=f"{args.adapter} on {cfg.eval_split} of {args.data}")
     table.add_column("metric")

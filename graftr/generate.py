@@ -70,12 +70,14 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  eos_token_ids: list[int], pad_token_id: int, sampling: Sampling = Sampling(), use_cache: bool = True,
                  on_logits: Callable[[int, torch.Tensor], None] | None = None,
-                 policy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Generation:
+                 policy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 pixel_values: torch.Tensor | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` after left-padded prompts; ``on_logits(step, logits)`` sees each step.
 
     ``policy(logits) -> (tokens, done)``, when given, chooses each step's tokens from the (B, V) logits and says which
     rows have ended, in place of ``sampling`` and ``eos_token_ids`` (``model.generate``: HF's processors and stopping
-    criteria, :class:`graftr.hf.HFDecoding`)."""
+    criteria, :class:`graftr.hf.HFDecoding`). ``pixel_values`` (one image per prompt) go with every step to a model
+    whose prompts are conditioned on images."""
     if max_new_tokens < 1:
         raise GraftrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not bool(attention_mask.bool().any(-1).all()):
@@ -87,7 +89,8 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
     if max(total, input_ids.shape[1]) > gm.graftr_max_positions:
         raise GraftrError(f"the prompt ({input_ids.shape[1]} tokens) and {max_new_tokens} new tokens exceed the "
                           f"{gm.graftr_max_positions} positions the model allows")
-    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits, policy)
+    extra = {"pixel_values": pixel_values} if pixel_values is not None else {}
+    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits, policy, extra)
     was_training = gm.training
     gm.eval()
     try:
@@ -98,7 +101,7 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
                     return Generation(run.cached(input_ids, attention_mask, max_new_tokens), True, None)
                 except CacheUnsupported as e:  # raised on the prompt step, before any token is chosen
                     note = str(e)
-                    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits, policy)
+                    run = _Run(gm, eos_token_ids, pad_token_id, sampling, on_logits, policy, extra)
             if decoder_len:
                 return Generation(run.seq2seq(input_ids, attention_mask, max_new_tokens), False, note)
             if "position_ids" not in gm.graftr_input_names and not bool(attention_mask.bool().all()):
@@ -106,8 +109,11 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
                     raise GraftrError(f"{gm.hf_class} generates padded prompts one at a time (its graph takes no "
                                       "position_ids); call generate with one prompt, or prompts of one length")
                 note += "; prompts run one at a time (the graph takes no position_ids to offset padded rows)"
-                rows = [run.full(input_ids[i:i + 1, -int(m.sum()):], m[None, -int(m.sum()):], max_new_tokens)
-                        for i, m in enumerate(attention_mask)]
+                rows = []
+                for i, m in enumerate(attention_mask):
+                    run.extra = {k: v[i:i + 1] for k, v in extra.items()}
+                    rows.append(run.full(input_ids[i:i + 1, -int(m.sum()):], m[None, -int(m.sum()):],
+                                         max_new_tokens))
                 width = max(r.shape[1] for r in rows)
                 return Generation(torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_token_id)
                                              for r in rows]), False, note)
@@ -119,8 +125,9 @@ def generate_ids(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
 class _Run:
     """One generation's token choice and stopping, shared by the cached and the recomputing loops."""
 
-    def __init__(self, gm, eos_token_ids, pad_token_id, sampling, on_logits, policy=None):
+    def __init__(self, gm, eos_token_ids, pad_token_id, sampling, on_logits, policy=None, extra=None):
         self.gm, self.sampling, self.on_logits, self.policy = gm, sampling, on_logits, policy
+        self.extra = extra or {}  # inputs every step takes unchanged (pixel_values)
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
         self.pad = pad_token_id
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -155,7 +162,7 @@ class _Run:
         next_pos = pos[:, -1:] + 1
         for _ in range(new):
             with cache.step(mask):
-                logits = self.gm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+                logits = self.gm(input_ids=ids, attention_mask=mask, position_ids=pos, **self.extra).logits[:, -1]
             if self.choose(logits) or len(self.tokens) == new:
                 break
             ids, mask, pos = self.tokens[-1][:, None].to(ids.device), torch.ones_like(next_pos), next_pos
@@ -167,7 +174,7 @@ class _Run:
         takes_positions = "position_ids" in self.gm.graftr_input_names
         for _ in range(new):
             extra = {"position_ids": positions(mask)} if takes_positions else {}
-            logits = self.gm(input_ids=ids, attention_mask=mask, **extra).logits[:, -1]
+            logits = self.gm(input_ids=ids, attention_mask=mask, **extra, **self.extra).logits[:, -1]
             if self.choose(logits):
                 break
             ids = torch.cat([ids, self.tokens[-1][:, None].to(ids.device)], dim=1)
@@ -180,7 +187,8 @@ class _Run:
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
         decoder = torch.full((ids.shape[0], 1), start, dtype=torch.long, device=ids.device)
         for _ in range(new):
-            logits = self.gm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits[:, -1]
+            logits = self.gm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder,
+                             **self.extra).logits[:, -1]
             if self.choose(logits):
                 break
             decoder = torch.cat([decoder, self.tokens[-1][:, None].to(ids.device)], dim=1)
@@ -221,9 +229,11 @@ def eos_ids(gm, tokenizer, generation_config=None) -> list[int]:
 
 
 def generate_text(gm, tokenizer, prompts: list[str], *, max_new_tokens: int, sampling: Sampling = Sampling(),
-                  recipe=None, template: bool = True, use_cache: bool = True,
-                  generation_config=None) -> tuple[list[str], Generation]:
-    """The completions of ``prompts`` (decoded up to EOS, without special tokens) and the raw :class:`Generation`."""
+                  recipe=None, template: bool = True, use_cache: bool = True, generation_config=None,
+                  images: list[str] | None = None) -> tuple[list[str], Generation]:
+    """The completions of ``prompts`` (decoded up to EOS, without special tokens) and the raw :class:`Generation`.
+    ``images``: one image file per prompt (or one for all) for a model whose prompts are conditioned on images."""
+    pixels = _pixel_values(gm, images, len(prompts))
     texts, special = template_prompts(prompts, recipe, tokenizer) if template else (list(prompts), True)
     eos = eos_ids(gm, tokenizer, generation_config)
     if tokenizer.pad_token_id is None:
@@ -237,7 +247,8 @@ def generate_text(gm, tokenizer, prompts: list[str], *, max_new_tokens: int, sam
     device = next(gm.parameters()).device
     result = generate_ids(gm, enc["input_ids"].to(device), enc["attention_mask"].to(device),
                           max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                          sampling=sampling, use_cache=use_cache)
+                          sampling=sampling, use_cache=use_cache,
+                          pixel_values=pixels.to(device) if pixels is not None else None)
     outputs = []
     for row in result.tokens.tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))
@@ -265,6 +276,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-template", action="store_true",
                         help="send the prompt as is, not wrapped in the adapter's training prompt template")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    parser.add_argument("--image", action="append", help="an image file for an adapter whose prompts are conditioned "
+                        "on images (recipe vision:); one for all prompts, or repeat the flag once per --prompt")
 
 
 def main(args) -> int:
@@ -281,7 +294,8 @@ def main(args) -> int:
     start = time.perf_counter()
     texts, result = generate_text(loaded.gm, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                   sampling=sampling, recipe=loaded.recipe, template=not args.no_template,
-                                  use_cache=not args.no_cache, generation_config=_generation_config(loaded.source))
+                                  use_cache=not args.no_cache, generation_config=_generation_config(loaded.source),
+                                  images=args.image)
     seconds = time.perf_counter() - start
     if result.note:
         errors.print(f"[yellow]note:[/] no KV cache: {result.note}; every token recomputes the whole sequence",
@@ -303,3 +317,20 @@ def _generation_config(source):
     from transformers import GenerationConfig
 
     return GenerationConfig.from_pretrained(str(source.directory), local_files_only=True)
+
+
+def _pixel_values(gm, images: list[str] | None, prompts: int) -> torch.Tensor | None:
+    """``pixel_values`` for ``images`` (one per prompt, or one repeated), checked against what the model takes."""
+    from graftr.vision import PIXELS, pixel_values, processor_for
+
+    takes = PIXELS in gm.graftr_input_names
+    if not images:
+        if takes:
+            raise GraftrError("this adapter's prompts are conditioned on images: pass --image PATH")
+        return None
+    if not takes:
+        raise GraftrError("--image: this model takes no image (its recipe has no vision: section)")
+    if len(images) not in (1, prompts):
+        raise GraftrError(f"{len(images)} images for {prompts} prompts: give one image, or one per prompt")
+    pixels = pixel_values(processor_for(gm), images)
+    return pixels.expand(prompts, *pixels.shape[1:]) if len(images) == 1 else pixels

@@ -170,6 +170,9 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
             if labels is None:
                 raise TypeError("an encoder-decoder model needs decoder_input_ids or labels")
             kwargs["decoder_input_ids"] = self._shift_right(labels)
+        if "pixel_values" in names and kwargs.get("pixel_values") is None:
+            raise TypeError("pixel_values is required: this model's prompts are conditioned on images "
+                            "(the recipe's vision: section)")
         for name in names:
             if kwargs.get(name) is None and name != "position_ids":
                 like = kwargs["decoder_input_ids"] if name.startswith("decoder_") else ids
@@ -422,14 +425,23 @@ def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = Non
     gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task=recipe.task)
     if gm.recipe is not None:
         raise GraftrError("this model is already grafted; graft the base model with one combined recipe")
+    vision_input = []
+    if recipe.vision is not None:  # the image input and I_p, read by the rules with condition: image
+        from graftr import vision
+
+        vision_input = [vision.VisionPass(recipe.vision)]
     inserted = passes.RewritePass(recipe)
     quantize = getattr(recipe, "quantize", None)
     first = [QuantizePass(quantize, trainable=recipe.trainable_modules, round_trip=round_trip)] if active(quantize) \
         else []
-    run_passes(gm, *first, passes.MatchPass(recipe), inserted)
+    run_passes(gm, *first, passes.MatchPass(recipe), *vision_input, inserted)
     plans = inserted.plans
+    if recipe.vision is not None:
+        recipe = vision.with_absolute_encoder(recipe)
     gm.recipe, gm.plans = recipe, plans
     adapter_prefixes = tuple(t + "." for p in plans for t in p.modules)
+    if recipe.vision is not None:
+        adapter_prefixes += (f"{vision.TARGET}.projection.",)
     globs = [compile_glob(g) for g in recipe.trainable_modules]
     module_paths = [n for n, _ in gm.named_modules() if n]
     unmatched = [g for g, rx in zip(recipe.trainable_modules, globs) if not any(rx.fullmatch(m) for m in module_paths)]
@@ -446,9 +458,17 @@ def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = Non
 
 def summary(gm: GraftedModel) -> dict[str, Any]:
     trainable, total = gm.trainable_counts()
+    rules = [{"rule": p.name, "kind": p.rule.adapter.kind, "sites": len(p.sites), "params": p.params_added,
+              "examples": [s.path for s in p.sites[:3]]} for p in gm.plans]
+    if getattr(gm.recipe, "vision", None) is not None:  # the image projection shared by the conditioned prompts
+        from graftr.vision import TARGET
+
+        projection = gm.get_submodule(f"{TARGET}.projection")
+        rules.append({"rule": "vision", "kind": "image projection", "sites": 1,
+                      "params": sum(p.numel() for p in projection.parameters()),
+                      "examples": [f"{TARGET}.projection ({gm.recipe.vision.encoder}, frozen)"]})
     return {
-        "rules": [{"rule": p.name, "kind": p.rule.adapter.kind, "sites": len(p.sites), "params": p.params_added,
-                   "examples": [s.path for s in p.sites[:3]]} for p in gm.plans],
+        "rules": rules,
         "trainable": trainable,
         "total": total,
         "percent": 100.0 * trainable / total if total else math.nan,

@@ -268,8 +268,11 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
     """
     directory = Path(directory)
     cls = _hf_class(gm)
+    from graftr.vision import TARGET, load_encoder_weights
+
+    load_encoder_weights(gm, dtype)  # an image encoder (recipe vision:) loads from its own directory
     stored = _stored_keys(directory)
-    entries = _entries(gm)
+    entries = [e for e in _entries(gm) if not e.name.startswith(f"{TARGET}.encoder.")]
     twin = _twin(gm, cls)
     keys = _checkpoint_keys(stored, twin, {n for e in entries for n in e.names}, cls.base_model_prefix)
 

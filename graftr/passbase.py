@@ -19,6 +19,7 @@ pass                        module                                      what it 
 ``share_position_rows``     :mod:`graftr.trace`                         default positions computed once, not per row
 ``quantize``                :mod:`graftr.quantize`                      frozen linears → packed storage + bitsandbytes
 ``match``                   :mod:`graftr.passes`                        tags each rule's sites (annotate only)
+``vision_input``            :mod:`graftr.vision`                        ``pixel_values`` input and the image vector
 ``rewrite``                 :mod:`graftr.passes`                        inserts the adapters at the tagged sites
 ``outline_layers``          :mod:`graftr.outline`                       each layer a submodule (ZeRO-3)
 ``enable_kv_cache``         :mod:`graftr.cache`                         SDPA modules that keep keys and values

@@ -36,6 +36,7 @@ from graftr.quantize import QuantizeConfig
 from graftr.registry import AdapterConfig
 from graftr.selectors import LayerSelect, compile_glob
 from graftr.train.config import TrainConfig
+from graftr.vision import VisionConfig
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"  # never a path: no '/', no '.', so never '..'
@@ -157,6 +158,8 @@ class Recipe(ConfigModel):
     imports: list[Annotated[str, Field(pattern=_MODULE_NAME)]] = Field(
         [], description="python modules imported before validation (they register user adapter kinds)")
     trainable_modules: Globs = Field([], description="module path globs whose own parameters are trained too")
+    vision: VisionConfig | None = Field(None, description="the frozen image encoder whose projected global feature "
+                                        "conditions the prompts of gated_prompt rules with condition: image")
     rules: list[Rule] = Field(min_length=1)
     quantize: QuantizeConfig | None = Field(None, description="store the frozen base's linear layers in 4 or 8 "
                                             "bits (bitsandbytes); adapters train on top")
@@ -172,6 +175,17 @@ class Recipe(ConfigModel):
                        "zero_stage 0-2 (the quantized base is already 4-8x smaller) or quantize.method none")
             raise ValidationError.from_exception_data("Recipe", [InitErrorDetails(
                 type=PydanticCustomError("quantize", message), loc=("train", "zero_stage"), input=3)])
+        return self
+
+    @model_validator(mode="after")
+    def _vision_is_used(self) -> Recipe:
+        conditioned = [r.name for r in self.rules if getattr(r.adapter, "condition", "none") == "image"]
+        if conditioned and self.vision is None:
+            raise ValueError(f"rule {conditioned[0]!r} has condition: image, but the recipe has no vision: section "
+                             "naming the image encoder")
+        if self.vision is not None and not conditioned:
+            raise ValueError("the recipe has a vision: section but no rule uses it (set condition: image on a "
+                             "gated_prompt rule)")
         return self
 
     @field_validator("rules")

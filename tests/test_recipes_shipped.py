@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
-from zoo import tiny_model
+from zoo import tiny_config, tiny_model
 
 from graftr import graft
+from graftr.models import build_model
 from graftr.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -22,10 +23,12 @@ EXPECTED = {
     "llama_adapter.yaml": {a: {"llama_adapter": 30} for a in ("llama", "qwen2", "gemma2")},
     "llama_adapter_nonlinear.yaml": {"llama": {"llama_adapter_nl": 30}},
     "llama_adapter_v2.yaml": {a: {"llama_adapter": 30, "scale_bias": 7 * 32} for a in ("llama", "qwen2")},
+    "llama_adapter_multimodal.yaml": {a: {"llama_adapter": 30} for a in ("llama", "qwen2")},
     "minilm_sst2_ia3.yaml": {"bert": {"ia3_attn": 4, "ia3_ff": 2}},
 }
 # recipes that select layers by count ("last 30") run on tiny models with Llama-2-7B's depth
-LAYERS = {"llama_adapter.yaml": 32, "llama_adapter_nonlinear.yaml": 32, "llama_adapter_v2.yaml": 32}
+LAYERS = {"llama_adapter.yaml": 32, "llama_adapter_nonlinear.yaml": 32, "llama_adapter_v2.yaml": 32,
+          "llama_adapter_multimodal.yaml": 32}
 
 
 def test_every_shipped_recipe_validates_and_is_covered():
@@ -42,5 +45,9 @@ def test_every_shipped_recipe_validates_and_is_covered():
 def test_exact_match_counts(name, arch):
     recipe = load_recipe(RECIPES / name)
     depth = {"num_hidden_layers": LAYERS[name]} if name in LAYERS else {}
-    gm = graft(tiny_model(arch, task=recipe.task, num_labels=recipe.num_labels, **depth), recipe)
+    if recipe.vision is None:
+        model = tiny_model(arch, task=recipe.task, num_labels=recipe.num_labels, **depth)
+    else:  # the encoder is a bundled config snapshot (no weights): build on meta, where it needs none
+        model = build_model(tiny_config(arch, **depth), recipe.task, device="meta")
+    gm = graft(model, recipe)
     assert {p.name: len(p.sites) for p in gm.plans} == EXPECTED[name][arch]

@@ -55,6 +55,7 @@ from graftr.grafted import GraftedModel, graft, prepare
 from graftr.names import DTYPES
 from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
 from graftr.sites import SOFTMAX_OPS
+from graftr.vision import visual_node
 
 _EMBEDDING_DIM = {"hypernetwork": 64, "shared_mlp": 256}  # the official code's widths of E and of the table rows
 _GENERATOR_FIELDS = ("embedding_dim", "hidden", "activation")
@@ -81,6 +82,8 @@ class GatedPromptConfig(AdapterConfig):
     mode: Literal["gated", "prefix"] = Field(
         "gated", description="gated: separate softmax + zero-init gate; prefix: prompts join the tokens' softmax")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the parameters")
+    condition: Literal["none", "image"] = Field(
+        "none", description="image: the recipe's vision: vector I_p is added to every prompt (LLaMA-Adapter §3.3)")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +91,13 @@ class GatedPromptConfig(AdapterConfig):
         if isinstance(data, dict) and data.get("embedding_dim") is None and data.get("prompt") in _EMBEDDING_DIM:
             data = {**data, "embedding_dim": _EMBEDDING_DIM[data["prompt"]]}
         return data
+
+    @model_validator(mode="after")
+    def _image_needs_gates(self) -> GatedPromptConfig:
+        if self.condition == "image" and self.mode != "gated":
+            raise ValueError("condition: image needs mode: gated (the zero-init gates keep the model unchanged at "
+                             "start for any image; prefix attention has no gate)")
+        return self
 
     @model_validator(mode="after")
     def _warn_unused(self) -> GatedPromptConfig:
@@ -133,6 +143,7 @@ class GatedPrompt(Adapter):
         self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
         self.scale, self.softcap, self.form = site.scale, site.softcap, site.form
         self.gate_kind = config.gate
+        self.image = config.condition == "image"
         self.shared, self.layer = shared, site.layer[1] if site.layer else None
         dtype = DTYPES[config.dtype]
         if shared is None:
@@ -198,8 +209,9 @@ class GatedPrompt(Adapter):
     def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
         old = site.output
         q_out = site.projection("q")[0].output if self.gate_kind == "adapt" else None
+        visual = visual_node(graph) if self.image else None
         with graph.inserting_before(old.next):
-            new = graph.call_module(target, (old, site.query, *self._inputs(graph), q_out))
+            new = graph.call_module(target, (old, site.query, *self._inputs(graph), q_out, visual))
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         _tag(new, old, target, type(self).__name__)
         site.output = new
@@ -207,18 +219,19 @@ class GatedPrompt(Adapter):
 
     # ---- math -----------------------------------------------------------------------------------------------
     def prompt_kv(self, prompt, wk, bk, wv, bv) -> tuple[torch.Tensor, torch.Tensor]:
-        """``K_p``, ``V_p`` (Hkv, L, hd) in fp32 through the block's projections (Conv1D weights are (in, out))."""
+        """``K_p``, ``V_p`` (Hkv, L, hd) in fp32 through the block's projections (Conv1D weights are (in, out));
+        an image-conditioned prompt (B, L, D) gives (B, Hkv, L, hd)."""
         p = prompt.float()
         out = []
         for w, b, rows, layout in ((wk, bk, self.k_rows, self.k_layout), (wv, bv, self.v_rows, self.v_layout)):
             w = rows.take(w.t() if layout == "in_out" else w).float()
             y = p @ w.t() + (rows.take(b).float() if b is not None else 0.0)
-            out.append(y.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1))
+            out.append(y.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(-3, -2))
         return out[0], out[1]
 
     def _repeat(self, t: torch.Tensor, heads: int) -> torch.Tensor:
-        """(Hkv, L, ·) → (heads, L, ·) grouped as HF's repeat_kv: head h reads key/value head h // (heads/Hkv)."""
-        return t.repeat_interleave(heads // t.shape[0], dim=0) if heads != t.shape[0] else t
+        """(…, Hkv, L, ·) → (…, heads, L, ·) grouped as HF's repeat_kv: head h reads key/value head h // (heads/Hkv)."""
+        return t.repeat_interleave(heads // t.shape[-3], dim=-3) if heads != t.shape[-3] else t
 
     def _gate(self, q_out) -> torch.Tensor:
         g = self.gate.float()
@@ -229,8 +242,11 @@ class GatedPrompt(Adapter):
         q = self.q_rows.take(q_out, -1).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         return torch.tanh(q.float() @ g.unsqueeze(-1))  # (B, H, T, 1)
 
-    def forward(self, out, q, wk, bk, wv, bv, prompt=None, q_out=None):
-        keys, values = self.prompt_kv(self.prompt if prompt is None else prompt, wk, bk, wv, bv)
+    def forward(self, out, q, wk, bk, wv, bv, prompt=None, q_out=None, visual=None):
+        prompt = self.prompt if prompt is None else prompt
+        if visual is not None:  # P_l + repeat(I_p): (B, L, D), one prompt per image
+            prompt = prompt.float() + visual.float()[:, None, :]
+        keys, values = self.prompt_kv(prompt, wk, bk, wv, bv)
         keys, values = self._repeat(keys, self.num_heads), self._repeat(values, self.num_heads)
         probs = torch.softmax((q.float() @ keys.transpose(-1, -2)) * self.scale, dim=-1)  # (B, H, T, L)
         # gate·(P·V_p) as (gate·P)·V_p: backward keeps the (B, H, T, L) gated probabilities, not a (B, H, T, hd)

@@ -308,6 +308,7 @@ def setup_batches(run: Run, data: Data, gm) -> Batches:
     """Every rank its own shard of a seeded permutation, re-shuffled each epoch; the run's length and warmup."""
     from graftr.data import Collator
     from graftr.train.config import resolve_defaults, total_steps, warmup
+    from graftr.vision import processor_for
 
     world = run.world
     # lr, schedule, warmup, weight decay the recipe leaves unset: the adapter kinds' published values
@@ -315,7 +316,7 @@ def setup_batches(run: Run, data: Data, gm) -> Batches:
                                              run.cfg.micro_batch_size * run.cfg.gradient_accumulation_steps * world)
     gm.recipe.train = cfg = run.cfg  # the adapter's recipe records the values trained with
     keep = set(gm.graftr_input_names) | {"labels"}  # tokenizers may add columns the graph does not take
-    collator = Collator(data.tokenizer)
+    collator = Collator(data.tokenizer, image_processor=processor_for(gm))  # images: the encoder's own processor
 
     def collate(examples):
         return {k: v for k, v in collator(examples).items() if k in keep}
