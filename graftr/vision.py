@@ -184,7 +184,9 @@ class VisionPrompt(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.features(pixel_values).float()
         for i, layer in enumerate(self.projection):
-            x = F.linear(x, layer.weight.float(), layer.bias.float())
+            # called as a module (ZeRO-3 gathers a module's parameters around its own forward), in its dtype (fp32
+            # unless an engine cast the model), the result in fp32
+            x = layer(x.to(layer.weight.dtype)).float()
             if i < len(self.projection) - 1:
                 x = _ACTIVATIONS[self.activation](x)
         return x

@@ -284,3 +284,13 @@ def test_data_image_column_paths_are_relative_to_the_data_file(tmp_path, monkeyp
                        task="causal_lm")
     with pytest.raises(ValueError, match="image_column applies to format alpaca or chat only"):
         DataConfig(format="text", image_column="image")
+
+
+def test_peft_export_refuses_image_conditioned_prompts(encoders, tmp_path):
+    from graftr.peft_format import export_peft
+
+    gm = graft(tiny_model("llama"), parse_recipe(recipe(encoders / "clip").replace("condition: image",
+                                                                                   "condition: image, gate: scalar")))
+    with pytest.raises(GraftrError, match="condition 'image' .*PEFT's AdaptionPrompt takes no image"):
+        export_peft(gm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

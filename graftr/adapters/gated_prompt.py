@@ -415,8 +415,9 @@ def _export_adaption_prompt(gm: GraftedModel) -> tuple[dict, dict[str, torch.Ten
                      "adapt": "gate 'adapt' (a query-dependent gate; PEFT's gate is one learned scalar per layer)"
                      }.get(cfg.gate),
             "prompt": f"prompt {cfg.prompt!r} (PEFT stores each layer's prompt itself, not a network generating it)",
+            "condition": "condition 'image' (prompts conditioned on an image; PEFT's AdaptionPrompt takes no image)",
         }
-        wanted = {"mode": "gated", "gate": "scalar", "prompt": "linear"}
+        wanted = {"mode": "gated", "gate": "scalar", "prompt": "linear", "condition": "none"}
         for field, value in wanted.items():
             if getattr(cfg, field) != value:
                 raise GraftrError(f"{where}: rule {plan.name!r} has {reasons[field]}; PEFT's AdaptionPrompt is "
