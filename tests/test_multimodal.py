@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from after_training_kit import cli_error
 from zoo import example_inputs, tiny_model
 
 from graftr import graft, load_adapter, save_adapter
@@ -228,8 +229,8 @@ def test_a_tiny_model_learns_the_colour_of_the_image(tmp_path, capsys, monkeypat
                          "--max-new-tokens", "2", "--image", str(paths["images"] / f"{colour}_0.png")]) == 0
         answers[colour] = capsys.readouterr().out.strip().splitlines()[-1]  # after the "note:" line
     assert answers == {"red": "red", "blue": "blue"}, answers
-    with pytest.raises(GraftrError, match="pass --image PATH"):
-        cli.main(["generate", "--adapter", str(out / "adapter"), "--prompt", demo.QUESTION])
+    line = cli_error(capsys, ["generate", "--adapter", str(out / "adapter"), "--prompt", demo.QUESTION])
+    assert line == "error: this adapter's prompts are conditioned on images: pass --image PATH"
 
 
 @pytest.mark.slow  # one trace of the Llama-2-7B structure and the CLIP ViT-L/14 tower on the meta device
@@ -287,7 +288,7 @@ def test_data_image_column_paths_are_relative_to_the_data_file(tmp_path, monkeyp
 
 
 def test_peft_export_refuses_image_conditioned_prompts(encoders, tmp_path):
-    from graftr.peft_format import export_peft
+    from graftr.formats.peft import export_peft
 
     gm = graft(tiny_model("llama"), parse_recipe(recipe(encoders / "clip").replace("condition: image",
                                                                                    "condition: image, gate: scalar")))
