@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -161,7 +163,9 @@ def setup_device(cfg, local_rank: int) -> torch.device:
 
 
 # what graftr writes into a run's --out; anything else there belongs to someone else
-RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard")
+RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "loss.png")
+# what a run killed while writing atomically leaves beside them (write_dir_atomically, graftr.plot): removed
+LEFTOVERS = re.compile(r"^\.(adapter\.(tmp|old)-\d+-\d+|loss\.png\.\d+\.tmp)$")
 
 
 def check_out(run: Run, resume: bool) -> None:
@@ -171,7 +175,11 @@ def check_out(run: Run, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise GraftrError(f"--out {out} is a file, not a directory")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if run.main:
+            for leftover in [p for p in out.iterdir() if LEFTOVERS.match(p.name)]:
+                run.say(f"[yellow]note:[/] removed {leftover}, left by a run stopped while writing it")
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not LEFTOVERS.match(p.name))
         if foreign:
             more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
             raise GraftrError(f"--out {out} holds files that are not a graftr run ({', '.join(foreign[:3])}{more}); "
