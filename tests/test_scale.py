@@ -29,7 +29,7 @@ micro_batch_size: 4
 lr: 0.02
 lr_schedule: constant
 log_every: 1
-data: {format: alpaca, max_length: 96, eval_split: null}
+data: {format: alpaca, max_length: 64, eval_split: null}
 """
 
 
@@ -237,7 +237,7 @@ micro_batch_size: 4
 lr: 0.02
 lr_schedule: constant
 log_every: 1
-data: {format: alpaca, max_length: 96, eval_split: null}
+data: {format: alpaca, max_length: 64, eval_split: null}
 """
 
 
@@ -256,8 +256,10 @@ def test_train_with_checkpointing_equals_without(root, tmp_path, capsys, compile
                                                                          rel=1e-6 if compile else 0)
     a, b = (load_file(str(runs[m] / "adapter" / "adapter.safetensors")) for m in ("none", "layers"))
     assert sorted(a) == sorted(b)
+    # eager: bit for bit. Compiled: the graphs with and without checkpoint regions fuse differently (rounding), and
+    # AdamW's normalisation magnifies rounding in near-zero gradients to a fraction of lr (0.02) per step
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6 if compile else 0), name
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-3 if compile else 0), name
 
 
 @pytest.mark.slow  # two processes through the DeepSpeed launcher, twice
