@@ -370,13 +370,13 @@ def test_merge_and_export_never_replace_a_directory_of_yours(reference, root, tm
         assert cli_error(capsys, [*command, "--out", str(mine), "--force"]) == error  # --force is not enough
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
     # an earlier output of the same kind: refused without --force (saying what is there), replaced with it
-    peft = tmp_path / "peft"
-    assert cli.main(["export", adapter, "--out", str(peft)]) == 0
-    error = cli_error(capsys, ["export", adapter, "--out", str(peft)])
-    assert error == f"error: {peft} exists and holds 2 files (adapter_config.json, adapter_model.safetensors); " \
+    first, apply = tmp_path / "first", ["apply", write_recipe(tmp_path / "ia3.yaml", [IA3]), "--model", str(root / "llama")]
+    assert cli.main([*apply, "--out", str(first)]) == 0
+    error = cli_error(capsys, [*apply, "--out", str(first)])
+    assert error == f"error: {first} exists and holds 3 files (adapter.safetensors, manifest.json, recipe.yaml); " \
                     "pass --force to replace it"
-    assert cli.main(["export", adapter, "--out", str(peft), "--force"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "peft"]  # no temporary directory left
+    assert cli.main([*apply, "--out", str(first), "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "ia3.yaml", "mine"]  # no temporary directory left
 
 
 @pytest.mark.parametrize("case", ["file", "foreign", "earlier"])
