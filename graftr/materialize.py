@@ -54,7 +54,7 @@ from transformers.core_model_loading import (
 
 from graftr import quantize
 from graftr.errors import GraftrError
-from graftr.formats.files import open_safetensors
+from graftr.tensorfile import open_safetensors
 from graftr.models import build_model
 
 INDEX = "model.safetensors.index.json"

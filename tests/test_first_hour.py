@@ -88,7 +88,8 @@ def runs(models, tmp_path_factory):
     return run
 
 
-SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
+SHIPPED = [pytest.param(name, marks=pytest.mark.skip(reason="needs a vision encoder with weights (openai/clip-vit-large-patch14); the image path trains in tests/test_multimodal.py")) if name == "llama_adapter_multimodal.yaml" else name
+           for name in sorted(p.name for p in RECIPES.glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from graftr.errors import AdapterLoadError, GraftrError, write_failure
+from graftr.tensorfile import open_safetensors  # noqa: F401  (re-exported: the formats read adapters with it)
 
 
 def check_out(out: Path, marker: str, *, force: bool) -> None:
@@ -96,18 +96,6 @@ def read_json_object(file: Path, *, error: type[GraftrError] = AdapterLoadError)
     if not isinstance(data, dict):
         raise error(f"{file} must hold a JSON object, not a {type(data).__name__}")
     return data
-
-
-@contextmanager
-def open_safetensors(path, *, error: type[GraftrError] = AdapterLoadError):
-    """``safe_open`` of a safetensors file (base checkpoint or adapter) with a damaged file as one ``error``: a
-    header too small or too large, a header that is not JSON, data shorter than the header says."""
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise error(f"{path} is not a readable safetensors file: {str(e).strip().splitlines()[0]}") from None
-    with handle as f:
-        yield f
 
 
 def read_safetensors(path, *, error: type[GraftrError] = AdapterLoadError) -> dict[str, torch.Tensor]:
