@@ -244,7 +244,7 @@ def _initialise(twin: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
 def _load_quantized(gm, file: Path, key: str, spec, dtype: torch.dtype | None) -> None:
     """Read one checkpoint tensor and store it quantized. The file is opened for this tensor alone, so its pages
     leave the process once the tensor is quantized: peak memory is the packed base plus one dense tensor."""
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    with open_safetensors(file, error=GraftrError) as f:
         shape = tuple(f.get_slice(key).get_shape())
         if shape != spec.dense_shape:
             raise GraftrError(f"{spec.weight}: the checkpoint's {key} has shape {shape}, the model expects "
