@@ -21,6 +21,9 @@ activations
     excluded): without checkpointing, everything the forward saves; with ``activation_checkpointing: layers``, what
     the graph outside the layers saves, plus every layer's inputs, plus the largest one layer's saved tensors (the
     one being recomputed).
+loss workspace
+    the fused language-model loss computes the logits chunk by chunk into one fp32 buffer (at most 128 MiB), which
+    is not saved for backward but lives through the step (:func:`graftr.loss.workspace_bytes`).
 
 ``graftr train`` prints the same line at start and the measured peak at its end (:mod:`graftr.train.memory`).
 Not counted: the Python/torch/DeepSpeed process itself, data, DeepSpeed's communication buffers, and the
@@ -55,6 +58,7 @@ class Estimate:
     activations: int  # without checkpointing
     activations_checkpointed: int
     checkpointing: str
+    loss_workspace: int = 0  # the fused loss's logits chunk (graftr.loss.workspace_bytes)
     counts: dict = field(default_factory=dict)
 
     @property
@@ -64,7 +68,7 @@ class Estimate:
     @property
     def total(self) -> int:
         act = self.activations_checkpointed if self.checkpointing == "layers" else self.activations
-        return self.model_states + act
+        return self.model_states + act + self.loss_workspace
 
     def line(self) -> str:
         """The one-line summary ``graftr train`` prints at start."""
@@ -72,7 +76,8 @@ class Estimate:
                 f"{gib(self.gathered_layer)}, adapters+grads+optimizer "
                 f"{gib(self.adapter + self.gradients + self.optimizer)}, activations "
                 f"{gib(self.activations_checkpointed if self.checkpointing == 'layers' else self.activations)} "
-                f"with checkpointing {self.checkpointing}) × {self.world} rank(s)")
+                f"with checkpointing {self.checkpointing}, loss workspace {gib(self.loss_workspace)}) × {self.world} "
+                "rank(s)")
 
     def rows(self) -> list[tuple[str, str]]:
         c = self.counts
@@ -90,6 +95,7 @@ class Estimate:
             (f"activations, no checkpointing", f"{gib(self.activations)}  (micro batch {self.micro_batch_size} × "
                                                f"{self.seq_len} tokens)"),
             ("activations, checkpointing layers", gib(self.activations_checkpointed)),
+            ("loss workspace", f"{gib(self.loss_workspace)}  (the fused loss's logits chunk)"),
             ("total per rank", f"{gib(self.total)}  (activation_checkpointing: {self.checkpointing})"),
             (f"total, {self.world} rank(s)", gib(self.total * self.world)),
         ]
@@ -222,6 +228,7 @@ def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
                     gathered_layer=layers[largest] if stage == 3 and largest else 0, adapter=int(adapter),
                     gradients=int(gradients), optimizer=int(optimizer), activations=act_none,
                     activations_checkpointed=act_layers, checkpointing=cfg.activation_checkpointing,
+                    loss_workspace=gm.loss_workspace_bytes(cfg.micro_batch_size * cfg.data.max_length),
                     counts={"base": n_base, "trainable": n_tr, "layer": largest,
                             "layer_params": layers.get(largest, 0) // size if largest else 0})
 

@@ -147,7 +147,8 @@ def main(args) -> int:
         raise GraftrError("--data evaluates an adapter: pass --adapter (or use --tasks to evaluate the base alone)")
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console)
+    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console,
+                                trust_code=args.trust_code)
     cfg = data_config(loaded.recipe, args.overrides, args.split)
     if cfg.eval_split is None:
         raise GraftrError("the data settings name no eval split (eval_split: null); pass --split")

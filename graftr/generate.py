@@ -287,7 +287,8 @@ def main(args) -> int:
     from graftr.models import load_tokenizer
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
-    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console)
+    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console,
+                                trust_code=args.trust_code)
     if loaded.gm.task not in GENERATIVE_TASKS:
         raise GraftrError(f"generate needs a causal_lm or seq2seq_lm model; this one is {loaded.gm.task}")
     tokenizer = load_tokenizer(loaded.source)

@@ -181,6 +181,20 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
             kwargs["position_ids"] = tracing.default_position_ids(self.graftr_position_ids, kwargs["attention_mask"])
         return {n: kwargs[n] for n in names}
 
+    def loss_workspace_bytes(self, tokens: int) -> int:
+        """Bytes the training loss of ``tokens`` tokens allocates besides what autograd saves: the fused loss's
+        logits chunk (:func:`graftr.loss.workspace_bytes`); 0 when the loss is not fused (the logits are then saved
+        for backward, and counted as such)."""
+        from graftr.loss import workspace_bytes
+
+        if not (self.fused_loss and self.task in _LM_LOSS_SHIFT):
+            return 0
+        head = self._fused_head()
+        weight = self.get_parameter(head[1]) if head is not None else None
+        if weight is None or weight.requires_grad:
+            return 0
+        return workspace_bytes(tokens, weight.shape[0], weight.dtype)
+
     def _fused_head(self) -> tuple[Any, str, str | None] | None:
         """(the graph up to the logits' linear head, as a function of the inputs; head weight; head bias), or None
         if the logits are not one linear of the head's input (Gemma-2's soft-capping, an adapter on the head)."""

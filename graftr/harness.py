@@ -162,7 +162,8 @@ def main(args) -> int:
     if args.limit is not None and args.limit <= 0:
         raise GraftrError(f"--limit must be > 0, got {args.limit}")
     target = results_path(args.out, args.adapter)
-    base = resolve_base(args.model, args.adapter, weights=True, console=out)  # configs only: fails fast
+    # configs only: fails fast
+    base = resolve_base(args.model, args.adapter, weights=True, console=out, trust_code=args.trust_code)
     preloaded = load_tasks(names, args.include_path)  # every dataset, before any weight is read
     loaded = load_with_weights(base, args.adapter, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(loaded.source)

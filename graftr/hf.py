@@ -346,19 +346,20 @@ class HFModelMixin(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, model: nn.Module | None = None,
-                        dtype: torch.dtype | None = None, **kwargs):
+                        dtype: torch.dtype | None = None, trust_code: bool = False, **kwargs):
         """Load a graftr adapter directory (or a PEFT adapter directory): onto ``model`` (an HF model) when given,
-        else onto the base the adapter records, loaded with its weights. Returns the grafted model in eval mode."""
+        else onto the base the adapter records, loaded with its weights. Returns the grafted model in eval mode.
+        ``trust_code``: see :func:`graftr.load_adapter`."""
         if kwargs:
             raise TypeError(f"GraftedModel.from_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
         from graftr.load import load_for_inference
 
         path = str(pretrained_model_name_or_path)
         if model is not None:
-            from graftr.formats.graftr import load_adapter
+            from graftr.formats import load_adapter
 
-            return load_adapter(model, path).eval()
-        return load_for_inference(None, path, dtype=dtype).gm
+            return load_adapter(model, path, trust_code=trust_code).eval()
+        return load_for_inference(None, path, dtype=dtype, trust_code=trust_code).gm
 
     # ---- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -34,6 +34,13 @@ def add_model_arguments(parser, *, adapter_required: bool) -> None:
     parser.add_argument("--adapter", required=adapter_required, help="a graftr adapter directory (from train or "
                         "apply), or a PEFT adapter directory (LoRA/InA, IA3, AdaptionPrompt)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    add_trust_argument(parser)
+
+
+def add_trust_argument(parser) -> None:
+    """``--trust-code``, for every command that loads an adapter directory."""
+    parser.add_argument("--trust-code", action="store_true", help="import the adapter kind module saved beside the "
+                        "adapter (its recipe's imports:); without it an adapter directory runs no code")
 
 
 @dataclass
@@ -46,9 +53,11 @@ class Base:
     recipe: object | None  # a graftr adapter's recipe
     manifest: dict | None  # a graftr adapter's manifest
     peft: dict | None  # a PEFT adapter's adapter_config.json
+    trust_code: bool = False  # import the user kind modules saved beside the adapter
 
 
-def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, console=None) -> Base:
+def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, console=None,
+                 trust_code: bool = False) -> Base:
     """Resolve the base (``model_arg``, else the adapter's recorded base) and check the adapter against its config.
     ``weights`` says whether the caller will read the base's weights (only the hint of a missing ``--model``)."""
     from graftr.formats.graftr import RECIPE, adapter_dir, check_made_for, read_manifest
@@ -67,7 +76,7 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
             manifest = read_manifest(path)
             if not (path / RECIPE).is_file():
                 raise AdapterLoadError(f"{adapter} is incomplete: {RECIPE} is missing")
-            recipe = load_recipe(path / RECIPE, local_imports=False)  # data: no code from beside it
+            recipe = load_recipe(path / RECIPE, local_imports=trust_code)  # data: no code beside it, unless trusted
     model_id = (model_arg or (manifest or {}).get("base_model") or (recipe.model if recipe else None)
                 or (peft or {}).get("base_model_name_or_path"))
     if not model_id:
@@ -87,7 +96,7 @@ def resolve_base(model_arg: str | None, adapter: str | None, *, weights: bool, c
     labels = _trained_labels(manifest, task)
     num_labels = ((recipe.num_labels if recipe else None) or (len(labels) if labels else None)
                   or (peft_num_labels(adapter, peft) if peft is not None else None))
-    return Base(source, task, num_labels, labels, recipe, manifest, peft)
+    return Base(source, task, num_labels, labels, recipe, manifest, peft, trust_code)
 
 
 def _recorded_base(model_id: str, adapter: Path) -> str:
@@ -108,15 +117,16 @@ def graft_adapter(model: nn.Module, adapter: str, base: Base, *, round_trip: boo
     base gets it quantized, as in training (``round_trip``: dense weights equal to the quantized ones, for merging)."""
     from graftr.formats import load_adapter
 
-    gm = load_adapter(model, adapter, peft=base.peft is not None, round_trip=round_trip)
+    gm = load_adapter(model, adapter, peft=base.peft is not None, round_trip=round_trip, trust_code=base.trust_code)
     gm.model_id = base.source.model_id
     return gm
 
 
 def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: torch.dtype | None = None,
-                       console=None) -> Loaded:
+                       console=None, trust_code: bool = False) -> Loaded:
     """Resolve the base (``model_arg``, else the adapter's recorded base), load its weights, graft the adapter."""
-    return load_with_weights(resolve_base(model_arg, adapter, weights=True, console=console), adapter, dtype=dtype)
+    base = resolve_base(model_arg, adapter, weights=True, console=console, trust_code=trust_code)
+    return load_with_weights(base, adapter, dtype=dtype)
 
 
 def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | None = None,

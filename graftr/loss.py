@@ -29,6 +29,15 @@ IGNORE_INDEX = -100  # label of a token that is not learned (the cross-entropy i
 CHUNK_BYTES = 1 << 27  # fp32 logits of one chunk: 128 MiB (1,048 tokens of a 32k vocabulary, 262 of a 128k one)
 
 
+def workspace_bytes(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes :func:`linear_cross_entropy` allocates for ``rows`` tokens besides its saved gradient: one chunk of fp32
+    logits (the :class:`Scratch`, kept between steps on CPU) and, for a head in a 16-bit dtype, the chunk's logits in
+    that dtype before the upcast (``graftr estimate`` counts it)."""
+    chunk = min(rows, max(1, CHUNK_BYTES // (4 * vocab)))
+    low = 0 if dtype == torch.float32 else chunk * vocab * torch.finfo(dtype).bits // 8
+    return chunk * vocab * 4 + low
+
+
 class Scratch:
     """A float32 buffer reused for the logits chunks of successive calls (see the module docstring).
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from graftr import quantize
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
-from graftr.load import Base, Loaded
+from graftr.load import Base, Loaded, add_trust_argument
 from graftr.names import DTYPES
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -131,6 +131,7 @@ def add_arguments(parser) -> None:
                                         "default: the base recorded in the adapter")
     parser.add_argument("--out", required=True, help="the HF model directory to write")
     parser.add_argument("--force", action="store_true", help="replace --out if it holds an earlier merged model")
+    add_trust_argument(parser)
     parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto",
                         help="dtype of the saved weights; auto (default): the base's own dtype (a quantized base: "
                              "16-bit, see docs/quantized_base.md). Merging is in fp32")
@@ -144,7 +145,7 @@ def main(args) -> int:
     from graftr.load import load_with_weights, resolve_base
 
     check_out(Path(args.out), "config.json", force=args.force)  # before reading gigabytes of weights
-    base = resolve_base(args.model, args.adapter, weights=True, console=console)
+    base = resolve_base(args.model, args.adapter, weights=True, console=console, trust_code=args.trust_code)
     if (reason := refusal_before_loading(base)) is not None:
         raise MergeError(reason)
     # a quantized base: the adapter was trained against dequantize(quantize(W)); merge into those weights, as PEFT

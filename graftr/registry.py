@@ -25,6 +25,7 @@ import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Union, get_args
 
 from pydantic import ConfigDict, Field
@@ -175,7 +176,8 @@ def import_modules(names: list[str], search: list[str] | None = None, *, local: 
 
     ``search`` (the recipe's folder) and the working directory are tried after ``sys.path``, so a module file
     sitting next to the recipe works without installing it. ``local=False`` (the recipe saved in an adapter
-    directory, which is data) imports only what is installed: a module file planted next to an adapter never runs.
+    directory, which is data) imports only what is installed: a module file planted next to an adapter never runs
+    unless its user trusts it (``load_adapter(..., trust_code=True)``, ``--trust-code``), which loads with ``local``.
     """
     extra = [d for d in [*(search or []), os.getcwd()] if d not in sys.path] if local else []
     sys.path.extend(extra)
@@ -184,6 +186,11 @@ def import_modules(names: list[str], search: list[str] | None = None, *, local: 
             try:
                 importlib.import_module(name)
             except ImportError as e:
+                beside = [] if local else [d for d in (search or []) if (Path(d) / f"{name}.py").is_file()]
+                if beside:
+                    raise GraftrError(f"the adapter's kind comes from {Path(beside[0]) / (name + '.py')}, code that "
+                                      "graftr runs only when you trust it: pass --trust-code (Python: "
+                                      "trust_code=True)") from None
                 raise GraftrError(f"cannot import {name!r} (listed in the recipe's imports): {e}") from None
             except Exception as e:  # the user's module raised while registering its kinds
                 raise GraftrError(f"importing {name!r} failed: {type(e).__name__}: {e}") from None

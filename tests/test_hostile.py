@@ -218,8 +218,37 @@ def test_an_adapter_directory_never_imports_code_beside_it(reference, tmp_path, 
     (adapter / "recipe.yaml").write_text(text)
     (adapter / "planted_kinds.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
     error = cli_error(capsys, ["export", str(adapter), "--out", str(tmp_path / "peft")])
-    assert "cannot import 'planted_kinds' (listed in the recipe's imports)" in error
+    assert f"the adapter's kind comes from {adapter / 'planted_kinds.py'}" in error and "--trust-code" in error
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "peft").exists()
+
+
+DAMAGED_ADAPTERS = {
+    "truncated tensors": ("adapter.safetensors", lambda b: b[: len(b) // 2], "is not a readable safetensors file"),
+    "header length past the end": ("adapter.safetensors", lambda b: (2**40).to_bytes(8, "little") + b[8:],
+                                   "is not a readable safetensors file"),
+    "header not JSON": ("adapter.safetensors", lambda b: b[:8] + b"\xff" * (len(b) - 8),
+                        "is not a readable safetensors file"),
+    "manifest not JSON": ("manifest.json", lambda b: b[: len(b) // 2], "manifest.json"),
+    "manifest of another type": ("manifest.json", lambda b: b"[1, 2]", "manifest.json"),
+    "manifest field of the wrong type": ("manifest.json",
+                                         lambda b: b.replace(b'"format_version": 1', b'"format_version": "1"'),
+                                         "format_version is a str"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ADAPTERS))
+def test_a_damaged_adapter_is_one_line(reference, tmp_path, capsys, case):
+    """Bytes of an adapter directory cut or overwritten: every command reading it says which file, in one line."""
+    name, damage, message = DAMAGED_ADAPTERS[case]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(reference[0] / "adapter", adapter)
+    before = (adapter / name).read_bytes()
+    (adapter / name).write_bytes(damage(before))
+    assert (adapter / name).read_bytes() != before
+    for argv in (["export", str(adapter), "--out", str(tmp_path / "peft")],
+                 ["generate", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "1"]):
+        assert message in cli_error(capsys, argv), argv
+    assert not (tmp_path / "peft").exists()
 
 
 # ---- 5. a full disk ----------------------------------------------------------------------------------------------

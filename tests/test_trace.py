@@ -167,10 +167,23 @@ SNAPSHOT_PARAMS = {
     "google-t5/t5-base": 222_903_552,
     "t5-base": 222_903_552,
 }
+# Vision encoders (multi-modal prompts' image towers): the vision tower's parameters, built the way graftr builds it.
+ENCODER_SNAPSHOT_PARAMS = {
+    "openai/clip-vit-large-patch14": 303_179_776,
+}
 
 
 def test_every_snapshot_is_checked():
-    assert set(models.snapshots()) == set(SNAPSHOT_PARAMS)
+    assert set(models.snapshots()) == set(SNAPSHOT_PARAMS) | set(ENCODER_SNAPSHOT_PARAMS)
+
+
+@pytest.mark.parametrize("model_id", sorted(ENCODER_SNAPSHOT_PARAMS))
+def test_encoder_snapshot_builds_on_meta(model_id):
+    from graftr.vision import load_encoder
+
+    encoder = load_encoder(model_id, device=torch.device("meta"), dtype=torch.float32)
+    assert param_count(encoder) == ENCODER_SNAPSHOT_PARAMS[model_id]
+    assert not any(p.requires_grad for p in encoder.parameters())
 
 
 @pytest.mark.parametrize("model_id", sorted(SNAPSHOT_PARAMS))

@@ -131,8 +131,9 @@ max_steps: 6
 micro_batch_size: 8
 lr: 0.05
 lr_schedule: constant
+warmup_steps: 0
 log_every: 1
-data: {format: alpaca, max_length: 96, eval_split: null}
+data: {format: alpaca, max_length: 64, eval_split: null}
 """
 
 
@@ -178,7 +179,7 @@ def test_loss_falls_and_the_adapter_loads_back(lowered, root, kind):
     state = gm.adapter_state_dict()
     assert sorted(state) == sorted(saved) and all(torch.equal(state[n], saved[n]) for n in saved)
     # the base model's loss is the first step's (every adapter starts as the identity); the trained one is lower
-    cfg = DataConfig(format="alpaca", max_length=96, eval_split=None)
+    cfg = DataConfig(format="alpaca", max_length=64, eval_split=None)
     data = str(root / "alpaca.jsonl")
     before = whole_set_loss(graft(base, gm.recipe), root / "llama", data, cfg, "causal_lm")  # at its init
     after = whole_set_loss(gm, root / "llama", data, cfg, "causal_lm")
@@ -306,7 +307,7 @@ warmup_steps: 4
 lr_schedule: constant
 save_every: 1
 log_every: 1
-data: {format: alpaca, max_length: 96, eval_split: null}
+data: {format: alpaca, max_length: 64, eval_split: null}
 """
 # A `graftr train` that stops for good inside the save of the PAUSE_AT_SAVE-th checkpoint, after DeepSpeed wrote
 # its files into step-N.tmp and before the rename that completes it; it touches PAUSE_MARKER there.
@@ -456,6 +457,8 @@ CLS_TRAIN = """
 max_steps: 4
 micro_batch_size: 4
 lr: 0.01
+lr_schedule: linear
+warmup_steps: 0
 save_every: 1
 log_every: 1
 data: {format: classification, text_column: premise, text_pair_column: hypothesis, label_column: answer}
@@ -484,9 +487,9 @@ def test_resume_with_a_lower_lr_after_a_non_finite_loss(root, tmp_path, capsys, 
     argv = ["train", path, "--model", str(root / "bert"), "--data", str(root / "pairs"), "--out", str(tmp_path / "run")]
     loss, calls = GraftedModel._loss, []
 
-    def poisoned(self, out, labels):
+    def poisoned(self, out, labels, *args, **kwargs):
         calls.append(1)
-        return loss(self, out, labels) * (float("nan") if len(calls) == 3 else 1.0)
+        return loss(self, out, labels, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(GraftedModel, "_loss", poisoned)
     assert "non-finite loss (nan) at step 3" in cli_error(capsys, argv)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-from torch import nn
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # above every level: the profiler's "USDT: profiler_start" lines
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

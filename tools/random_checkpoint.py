@@ -61,6 +61,8 @@ def main() -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="largest shard (default 2 GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the random values are drawn (cuda: seconds for 7B, "
+                                                        "as tools/gpu_check.sh does; the values depend on it)")
     parser.add_argument("--corpus", nargs="*", type=Path, help="text files the tokenizer is trained on "
                                                                "(default: docs/*.md and README.md of this repository)")
     args = parser.parse_args()
@@ -82,7 +84,7 @@ def main() -> int:
     dtype = DTYPES[args.dtype]
     model = build_model(config, "causal_lm", device="meta", dtype=dtype)
     std = getattr(config, "initializer_range", 0.02)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
     tensors = dict(model.state_dict(keep_vars=False))  # tied tensors appear once
     seen, names = set(), []
     for name, t in model.named_parameters():  # parameters only: non-persistent buffers are computed by the model
@@ -108,7 +110,7 @@ def main() -> int:
             if name.endswith("norm.weight"):
                 data[name] = torch.ones(shape, dtype=dtype)
             else:
-                data[name] = (torch.randn(shape, generator=generator) * std).to(dtype)
+                data[name] = (torch.randn(shape, generator=generator, device=args.device) * std).to(dtype).cpu()
             weight_map[name] = file
             total += data[name].numel() * data[name].element_size()
         save_file(data, str(tmp / file), metadata={"format": "pt"})

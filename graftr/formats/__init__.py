@@ -27,14 +27,16 @@ def is_peft(path) -> bool:
     return peft_adapter_config(Path(path)) is not None
 
 
-def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = False):
+def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = False, trust_code: bool = False):
     """Graft ``model`` with the adapter in ``path`` and load its tensors; returns the :class:`GraftedModel`.
 
     ``path`` is a graftr adapter directory, a run directory of ``graftr train`` (its ``adapter/`` is read), or an HF
     PEFT adapter directory, which :func:`graftr.formats.peft.import_peft` translates. ``peft`` says which, when the
     caller has read it already.
     ``round_trip``: a graftr recipe with ``quantize:`` keeps the base dense, each weight it quantizes replaced by
-    its quantize→dequantize round trip (for merging; see :func:`graftr.graft`)."""
+    its quantize→dequantize round trip (for merging; see :func:`graftr.graft`).
+    ``trust_code``: a graftr adapter whose recipe imports a user kind module saved beside it imports that module
+    (code you trust, as transformers' ``trust_remote_code``); by default an adapter directory runs no code."""
     from graftr.formats import graftr as native
     from graftr.formats.peft import import_peft
 
@@ -42,4 +44,5 @@ def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = Fa
 
     if peft is None:
         peft = is_peft(path)
-    return import_peft(model, path) if peft else native.load_adapter(model, path, round_trip=round_trip)
+    return import_peft(model, path) if peft else native.load_adapter(model, path, round_trip=round_trip,
+                                                                                   trust_code=trust_code)

@@ -33,13 +33,13 @@ from graftr.errors import GraftrError
 FORMATS = ("peft", "graftr")
 
 
-def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
+def load_on_structure(adapter: str, model_arg: str | None, *, console=None, trust_code: bool = False):
     """The adapter (graftr's or PEFT's) grafted onto its base built on the meta device, its tensors loaded: a
     ``GraftedModel`` whose ``model_id`` is the base used (``model_arg``, else the adapter's recorded base)."""
     from graftr.load import graft_adapter, resolve_base
     from graftr.models import build_model
 
-    base = resolve_base(model_arg, adapter, weights=False, console=console)
+    base = resolve_base(model_arg, adapter, weights=False, console=console, trust_code=trust_code)
     model = build_model(base.source.config, base.task, device="meta", num_labels=base.num_labels)
     return graft_adapter(model, adapter, base)
 
@@ -48,6 +48,8 @@ def load_on_structure(adapter: str, model_arg: str | None, *, console=None):
 
 
 def add_arguments(parser) -> None:
+    from graftr.load import add_trust_argument
+
     parser.add_argument("adapter", help="a graftr adapter directory (from train or apply) or a PEFT adapter directory")
     parser.add_argument("--format", choices=FORMATS,
                         help="the format to write: peft (HF PEFT's adapter_config.json + adapter_model.safetensors) "
@@ -57,6 +59,7 @@ def add_arguments(parser) -> None:
                                         "in the adapter")
     parser.add_argument("--out", required=True, help="the adapter directory to write")
     parser.add_argument("--force", action="store_true", help="replace --out if it holds an earlier adapter")
+    add_trust_argument(parser)
 
 
 def main(args) -> int:
@@ -75,7 +78,7 @@ def main(args) -> int:
     from graftr.formats.peft import CONFIG
 
     check_out(Path(args.out), MANIFEST if target == "graftr" else CONFIG, force=args.force)
-    gm = load_on_structure(args.adapter, args.model, console=console)
+    gm = load_on_structure(args.adapter, args.model, console=console, trust_code=args.trust_code)
     sites = sum(len(plan.sites) for plan in gm.plans)
     kinds = ", ".join(sorted({plan.rule.adapter.kind for plan in gm.plans}))
     if target == "graftr":

@@ -176,9 +176,11 @@ def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
                 param.copy_(src.to(dtype=param.dtype, device=param.device))
 
 
-def load_adapter(model, path, *, round_trip: bool = False):
+def load_adapter(model, path, *, round_trip: bool = False, trust_code: bool = False):
     """Graft ``model`` with the graftr adapter's recipe and load its tensors. Returns the :class:`GraftedModel`.
     ``round_trip``: see :func:`graftr.graft` (a quantizing recipe's base kept dense, for merging).
+    ``trust_code``: import the user kind modules saved beside the adapter (its recipe's ``imports:``); without it
+    an adapter directory is data and only installed modules are imported.
 
     (:func:`graftr.load_adapter` also takes PEFT adapter directories: see :mod:`graftr.formats`.)"""
     from graftr.grafted import GraftedModel, graft
@@ -190,7 +192,7 @@ def load_adapter(model, path, *, round_trip: bool = False):
         if not (path / f).is_file():
             raise AdapterLoadError(f"{path} is incomplete: {f} is missing")
     check_base(manifest, model.hf_config if isinstance(model, GraftedModel) else model.config, str(path))
-    recipe = load_recipe(path / RECIPE, local_imports=False)  # data: no code from beside it
+    recipe = load_recipe(path / RECIPE, local_imports=trust_code)  # data: no code from beside it, unless trusted
     gm = graft(model, recipe, model_id=manifest.get("base_model"), round_trip=round_trip)
     load_state_into(gm, read_safetensors(path / TENSORS), str(path))
     return gm

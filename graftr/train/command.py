@@ -55,8 +55,13 @@ def collect_overrides(parser: argparse.ArgumentParser) -> None:
 
 def _relaunch(args, recipe_name: str) -> int:
     """Run this command again under the DeepSpeed launcher with ``--nproc`` processes per node."""
+    from graftr.quiet import is_verbose
+
+    # the launcher's own notes ("Unable to find hostfile", "Setting accelerator to CPU") are warnings: shown only
+    # with --verbose; its errors still print
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
-               "--master_port", str(args.master_port or free_port()), "--no_local_rank", "--log_level", "warning"]
+               "--master_port", str(args.master_port or free_port()), "--no_local_rank", "--log_level",
+               "warning" if is_verbose() else "error"]
     if args.num_nodes is not None:
         command += ["--num_nodes", str(args.num_nodes)]
     if args.hostfile is not None:
@@ -71,6 +76,10 @@ def _relaunch(args, recipe_name: str) -> int:
         command.append("--resume")
     command += args.overrides
     env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env:  # what DeepSpeed would detect, said up front: its launchers do not warn of it
+        import torch
+
+        env["DS_ACCELERATOR"] = "cuda" if torch.cuda.device_count() > 0 and torch.cuda.is_available() else "cpu"
     if "OMP_NUM_THREADS" not in env:  # N CPU processes share the cores instead of each taking all of them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
     return subprocess.run(command, env=env).returncode

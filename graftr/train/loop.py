@@ -86,6 +86,7 @@ class Run:
     say: Callable[..., None]  # prints on rank 0 only
     started: float = field(default_factory=time.perf_counter)
     defaults: str | None = None  # which train: settings came from the adapter kinds' papers (the start line says)
+    estimate: int | None = None  # graftr estimate's bytes per rank (rank 0; None: not available for this model)
     title: str = ""  # of the run's plot: "<recipe> on <model>"
 
     @property
@@ -144,6 +145,23 @@ class Progress:
 
 
 # ---- set-up steps ----------------------------------------------------------------------------------------------
+def estimate_memory(run: Run, recipe, model_id: str | None) -> None:
+    """Print ``graftr estimate``'s line for this run (rank 0; from the config on ``meta``, nothing read); the end of
+    the run prints the measured peak beside it. A model the estimate cannot count gets a note, not an error."""
+    from graftr.estimate import estimate
+
+    if not run.main or not model_id:
+        return
+    try:
+        est = estimate(recipe, model_id, run.world)
+    except Exception as e:  # noqa: BLE001 -- informational: a bad model or recipe fails below with its own error
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        run.say(f"[dim]memory estimate not available: {reason}[/]")
+        return
+    run.estimate = est.total
+    run.say(f"[dim]{est.line()}[/]")
+
+
 def setup_device(cfg, local_rank: int) -> torch.device:
     """This rank's device and thread count; refuses a precision the device does not support."""
     from deepspeed.accelerator import get_accelerator
@@ -448,17 +466,44 @@ def epoch_batches(data: Data, batches: Batches, step: int):
                            generator=torch.Generator()))
 
 
-def accumulate(engine, loader, accumulation: int, device: torch.device) -> torch.Tensor:
-    """Forward and backward of one optimizer step's micro-batches. Returns this rank's (loss sum over
-    micro-batches, micro-batches, tokens, non-finite losses, micro-batches without a scored label)."""
+def accumulate(engine, loader, accumulation: int, device: torch.device, task: str, world: int) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches. Returns this rank's (loss, weight, tokens,
+    non-finite losses, micro-batches without a scored label); summed over the ranks, loss / weight is the step's loss.
+
+    A language model's loss is the mean over every label the step scores, on all micro-batches of all ranks (as
+    transformers' Trainer does with ``num_items_in_batch``): each micro-batch's summed loss is divided by the
+    step's global label count, so uneven micro-batches (alpaca rows of different lengths, ranks with different
+    token counts) give the gradient of one batch of the whole step, and ``--nproc 2`` trains as one process with
+    twice the micro-batch. DeepSpeed averages gradients over the ranks, so the loss handed to backward is scaled
+    by the world size (and not divided by the accumulation steps). Other tasks average their micro-batches' means.
+    """
+    import torch.distributed as dist
+
+    from graftr.grafted import _LM_LOSS_SHIFT, _scored
+
+    micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(accumulation)]
     stats = torch.zeros(5, dtype=torch.float64, device=device)
-    for micro in range(accumulation):
-        batch = {k: v.to(device) for k, v in next(loader).items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces gradients at the boundary
-        stats += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                              batch["attention_mask"].sum().double(), (~torch.isfinite(loss.detach())).double(),
-                              ((batch["labels"] != IGNORE_INDEX).sum() == 0).double()])
+    count = None
+    if task in _LM_LOSS_SHIFT:
+        count = torch.stack([_scored(b["labels"], _LM_LOSS_SHIFT[task]) for b in micro_batches]).sum()
+        dist.all_reduce(count)
+        if count.item() == 0:  # no label anywhere in the step: the mean over nothing is undefined
+            stats[4] = accumulation
+            return stats
+    for micro, batch in enumerate(micro_batches):
+        if count is None:
+            loss = engine(**batch).loss
+            engine.backward(loss)  # DeepSpeed scales by 1/accum and averages the ranks' gradients at the boundary
+            part = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+        else:
+            loss = engine(**batch, num_items_in_batch=count).loss  # this micro-batch's share of the step's mean
+            engine.backward(loss * world, scale_wrt_gas=False)
+            part = torch.stack([loss.detach().double(),
+                                torch.full((), 1 / (accumulation * world), dtype=torch.float64, device=device)])
+        empty = (batch["labels"] != IGNORE_INDEX).sum() == 0
+        stats += torch.cat([part, torch.stack([batch["attention_mask"].sum().double(),
+                                               (~torch.isfinite(loss.detach())).double(),
+                                               (empty & (count is None)).double()])])
         if micro < accumulation - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     return stats
@@ -578,6 +623,7 @@ def measured_peaks(run: Run, memory) -> list:
     dist.all_gather_object(peaks, peak)
     run.say(f"measured peak memory per rank ({peak.device}): " + ", ".join(gib(p.peak) for p in peaks)
             + f" (sum {gib(sum(p.peak for p in peaks))})"
+            + ("" if run.estimate is None else f"; estimated {gib(run.estimate)} per rank")
             + ("" if peak.anon is None else "; private (anonymous) part: " + ", ".join(gib(p.anon) for p in peaks)
                + f" (sum {gib(sum(p.anon for p in peaks))})"))
     return peaks
@@ -600,7 +646,8 @@ def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Bat
                "train_seconds": progress.train_seconds, "elapsed_seconds": elapsed,
                "tokens_per_s": progress.tokens / max(progress.train_seconds, 1e-9), "trainable_params": n_trainable,
                "total_params": n_total, "world_size": run.world, "adapter": str(run.out / "adapter"),
-               "peak_memory": [p.peak for p in peaks], "peak_private_memory": [p.anon for p in peaks]}
+               "peak_memory": [p.peak for p in peaks], "peak_private_memory": [p.anon for p in peaks],
+               "memory_estimate": run.estimate}
     if run.main:
         # the run's own adapter/ (check_out made sure it is one): a resumed run replaces it
         save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary}, force=True)
@@ -629,11 +676,12 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     run = Run(recipe.train, Path(out), rank, world, say, title=f"{recipe.name} on {model_id}")
     cfg = run.cfg
     device = setup_device(cfg, local_rank)
-    memory = PeakMemory(device)  # before any weight is read
+    estimate_memory(run, recipe, model_id)  # on meta, before the measurement starts
     if not model_id:
         raise GraftrError("no model given: pass --model (a model directory with weights) or set the recipe's model")
     start_from = starting_point(run, resume)
     data = setup_data(run, recipe, model_id, data)
+    memory = PeakMemory(device)  # after the data (and the libraries it imports), before any weight is read
     gm = setup_model(run, recipe, data, device)
     counts = gm.trainable_counts()  # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
     batches = setup_batches(run, data, gm)
@@ -668,7 +716,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                     break
                 t_step = time.perf_counter()
                 lr = ds.optimizer.param_groups[0]["lr"]  # the lr this step runs at
-                stats = accumulate(engine, loader, accum, device)
+                stats = accumulate(engine, loader, accum, device, data.task, run.world)
                 dist.all_reduce(stats)  # every rank decides the same way below
                 if (error := unusable_step(run, stats, progress.step)) is not None:  # never applied
                     raise error

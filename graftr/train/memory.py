@@ -1,9 +1,9 @@
 """The memory a training process used: its peak, measured, to print beside the estimate (``graftr estimate``).
 
 On CPU the figure is the kernel's high-water mark of the process's resident memory (``VmHWM``) above its
-resident memory when training started (after the imports and the process group, before any weight is read): the
-weights (mapped from the checkpoint or copied), ZeRO partitions and gathered layers, gradients, optimizer states
-and activations. The checkpoint's pages are shared between the processes of one machine, so the sum over ranks
+resident memory when training started (after the imports, the process group and the tokenized data, before any
+weight is read): the weights (mapped from the checkpoint or copied), ZeRO partitions and gathered layers,
+gradients, optimizer states and activations, and what the allocator keeps of freed memory. The checkpoint's pages are shared between the processes of one machine, so the sum over ranks
 counts them once per rank; a sampler also records the peak of the private (anonymous) part, ``RssAnon``, which
 is this rank's own. On a GPU the figure is ``torch.cuda.max_memory_allocated``.
 """
@@ -27,6 +27,14 @@ def _status() -> dict[str, int]:
     return fields
 
 
+def _reset_high_water_mark() -> None:
+    """Set ``VmHWM`` to the current resident size (Linux: ``5`` written to ``/proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not permitted here: the high-water mark then counts from the process's start
+        pass
+
+
 @dataclass
 class Peak:
     peak: int  # bytes above the start (CPU: VmHWM - VmRSS at start; GPU: max allocated)
@@ -45,6 +53,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(device)
             self.start = torch.cuda.memory_allocated(device)
         elif self.cpu:
+            _reset_high_water_mark()  # a process that ran something before (a test, a notebook) measures this run
             status = _status()
             self.start, self.anon_start = status["VmRSS"], status.get("RssAnon", 0)
             self.anon_peak = self.anon_start
