@@ -5,7 +5,8 @@ The model is built and grafted on the ``meta`` device (no memory, seconds even f
 every figure is counted from it:
 
 base parameters
-    the frozen tensors in the training dtype; ZeRO-3 partitions them over the ranks (``1/N`` each), stages 0-2
+    the frozen tensors in the training dtype, and a quantized base's packed weights as bitsandbytes stores them
+    (:func:`graftr.quantize.stored_bytes`); ZeRO-3 partitions them over the ranks (``1/N`` each), stages 0-2
     keep them whole on every rank.
 largest gathered layer (ZeRO-3)
     the parameters of the largest outlined layer, all-gathered while it runs (forward, and again for the recompute
@@ -84,6 +85,7 @@ class Estimate:
         split = f"/{self.world}" if self.world > 1 else ""
         return [
             ("base parameters", f"{gib(self.base)}  ({c['base']:,} frozen, {self.precision}"
+                                + (f", {c['quantized']:,} of them quantized" if c.get("quantized") else "")
                                 + (f", ZeRO-3 {split}" if self.zero_stage == 3 else ", whole on every rank") + ")"),
             ("largest gathered layer", f"{gib(self.gathered_layer)}  "
                                        + (f"({c['layer']}, {c['layer_params']:,} parameters)" if self.zero_stage == 3
@@ -109,7 +111,8 @@ class _Saved:
     """Bytes autograd saves for backward, per storage, attributed to the outlined layer running (or the root)."""
 
     def __init__(self, gm: nn.Module):
-        self.excluded = {p.untyped_storage()._cdata for p in gm.parameters()}
+        # the model's own tensors (weights, a quantized base's packed storage, rotary tables) are not activations
+        self.excluded = {t.untyped_storage()._cdata for t in [*gm.parameters(), *gm.buffers()]}
         self.by_layer: dict[str, dict[int, int]] = {}
         self.inputs: dict[int, int] = {}
         self.current = ""
@@ -195,7 +198,12 @@ def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
     n_base = sum(p.numel() for _, p in frozen)
     n_tr = sum(p.numel() for _, p in trainable)
     size = torch.finfo(dtype).bits // 8
-    base_bytes = sum(p.numel() * p.element_size() for _, p in frozen)
+    # a quantized base (the recipe's quantize:): its packed weights are buffers, counted as bitsandbytes stores them
+    from graftr.quantize import stored_bytes, stored_numel
+
+    packed, n_packed = stored_bytes(gm), stored_numel(gm)
+    base_bytes = sum(p.numel() * p.element_size() for _, p in frozen) + packed
+    n_base += n_packed
     stage, n = cfg.zero_stage, world
     layers: dict[str, int] = {}
     for name, p in unique:
@@ -229,7 +237,7 @@ def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
                     gradients=int(gradients), optimizer=int(optimizer), activations=act_none,
                     activations_checkpointed=act_layers, checkpointing=cfg.activation_checkpointing,
                     loss_workspace=gm.loss_workspace_bytes(cfg.micro_batch_size * cfg.data.max_length),
-                    counts={"base": n_base, "trainable": n_tr, "layer": largest,
+                    counts={"base": n_base, "trainable": n_tr, "layer": largest, "quantized": n_packed,
                             "layer_params": layers.get(largest, 0) // size if largest else 0})
 
 
@@ -242,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, help="processes (ranks) the run would use (default 1)")
     parser.add_argument("overrides", nargs="*", metavar="path.to.field=value",
                         help="recipe overrides, e.g. train.zero_stage=3 train.precision=bf16")
-    from graftr.train.command import collect_overrides
+    from graftr.cliargs import collect_overrides
 
     collect_overrides(parser)
 

@@ -100,6 +100,10 @@ def _scored_rows(hidden, weight, bias, labels, scored, count, want_grad, scratch
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     vocab = weight.shape[0]
     chunk = max(1, CHUNK_BYTES // (4 * vocab))
+    from graftr.cpu_matmul import slow_half_matmul
+
+    # a 16-bit head on a CPU without bf16 matrix units: the products in fp32 (graftr.cpu_matmul), rounded as before
+    weight32 = weight.float() if hidden.dtype != torch.float32 and slow_half_matmul(hidden.device) else None
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
         part = hidden[rows]
@@ -109,6 +113,8 @@ def _scored_rows(hidden, weight, bias, labels, scored, count, want_grad, scratch
             torch.mm(part, weight.t(), out=z)
         elif hidden.dtype == torch.float32:
             torch.addmm(bias, part, weight.t(), out=z)
+        elif weight32 is not None:  # logits rounded to the model's dtype, then upcast (transformers' rounding)
+            z.copy_(F.linear(part.float(), weight32, None if bias is None else bias.float()).to(hidden.dtype))
         else:  # logits in the model's dtype, then upcast (transformers' rounding)
             z.copy_(F.linear(part, weight, bias))
         z.sub_(z.amax(1, keepdim=True))  # z − max z
@@ -122,6 +128,8 @@ def _scored_rows(hidden, weight, bias, labels, scored, count, want_grad, scratch
             if hidden.dtype == torch.float32:  # scale the (rows, D) product: D ≪ V
                 torch.mm(z, weight, out=grad[rows])
                 grad[rows] *= scale
+            elif weight32 is not None:
+                grad[rows] = (z.mul_(scale).to(hidden.dtype).float() @ weight32).to(hidden.dtype)
             else:  # scale before rounding to the low precision, as transformers does
                 torch.mm(z.mul_(scale).to(hidden.dtype), weight, out=grad[rows])
     return total, grad

@@ -21,6 +21,7 @@ pass                        module                                      what it 
 ``match``                   :mod:`graftr.passes`                        tags each rule's sites (annotate only)
 ``vision_input``            :mod:`graftr.vision`                        ``pixel_values`` input and the image vector
 ``rewrite``                 :mod:`graftr.passes`                        inserts the adapters at the tagged sites
+``cpu_fp32_matmul``         :mod:`graftr.cpu_matmul`                    16-bit frozen linears computed in fp32 (CPU)
 ``outline_layers``          :mod:`graftr.outline`                       each layer a submodule (ZeRO-3)
 ``enable_kv_cache``         :mod:`graftr.cache`                         SDPA modules that keep keys and values
 ``merge_adapters``          :mod:`graftr.grafted`                       folds adapters into the base weights

@@ -241,6 +241,10 @@ class _QuantizedLinear(torch.autograd.Function):
         weight, stats, absmax2, code2, offset = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
+            from graftr.cpu_matmul import slow_half_matmul
+
+            # g @ W in 16 bits on a CPU is a plain loop (graftr.cpu_matmul): dequantize to fp32 there
+            dtype = torch.float32 if dtype != torch.float32 and slow_half_matmul(grad.device) else dtype
             w = _dequantize(method, weight, stats, absmax2, code2, offset, shape, blocksize, dtype)
             grad_x = (grad.to(dtype) @ w).to(x_dtype)
         if ctx.needs_input_grad[3]:

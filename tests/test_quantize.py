@@ -270,6 +270,20 @@ def test_apply_reports_quantized_sites_and_bytes(root, adapter, capsys):
     assert "quantized 14 linear sites (nf4): 72.00 KiB of weights stored in 10.12 KiB" in out
 
 
+def test_estimate_counts_the_packed_base(root, tmp_path):
+    """graftr estimate of a quantizing recipe: the base is the unquantized tensors plus bitsandbytes' storage."""
+    from graftr.estimate import estimate
+    from graftr.recipe import load_recipe
+
+    path = recipe(tmp_path / "q.yaml", [RULES["ina"]], LOWERS, head="quantize: {method: nf4}\n")
+    dense = recipe(tmp_path / "d.yaml", [RULES["ina"]], LOWERS)
+    q, d = (estimate(load_recipe(p), str(root / "llama"), 1) for p in (path, dense))
+    # 14 linears (18,432 weights, 73,728 fp32 bytes) stored in 10,368 bytes; the rest of the base unchanged
+    assert q.counts["quantized"] == 18_432 and d.counts["quantized"] == 0
+    assert d.base - q.base == 73_728 - 10_368
+    assert q.counts["base"] == d.counts["base"]
+
+
 def test_merge_writes_the_dequantized_weights_in_16_bits(root, adapter, tmp_path, capsys):
     path, gm, inputs = adapter
     capsys.readouterr()

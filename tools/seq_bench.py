@@ -20,7 +20,9 @@ Variants, each on the same base weights, batch 1:
     keeps an fp32 log-softmax of (tokens × vocab), so each side is compared with the floor of its own loss path.
 
 Held for backward: the bytes a training forward allocates and still holds when backward starts (torch.profiler's
-CPU memory events, net over the forward), the same measure for every variant. Step time: forward, backward, AdamW
+CPU memory events, net over the forward, after a warm-up step), the same measure for every variant; graftr's fused
+loss also keeps one logits chunk between steps (``graftr.loss.Scratch``, at most 128 MiB), allocated in the warm-up
+and reported by ``graftr estimate`` as "loss workspace". Step time: forward, backward, AdamW
 step; median of ``--repeats`` steps after one warm-up, variants alternating within each round so drift cancels.
 """
 
@@ -37,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' gradient_checkpointing_* renames
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # above every level: the profiler's "USDT: profiler_start" lines
 import torch  # noqa: E402
 
@@ -146,9 +151,9 @@ def main() -> int:
     for seq in args.seqs:
         ids = torch.randint(3, args.vocab, (1, seq), generator=torch.Generator().manual_seed(seq))
         steps = {name: Step(model, ids) for name, model in models.items()}
-        held = {name: step.held_for_backward() for name, step in steps.items()}
         for step in steps.values():
-            step()  # warm-up
+            step()  # warm-up; graftr's loss allocates its logits buffer here, kept between steps, not counted below
+        held = {name: step.held_for_backward() for name, step in steps.items()}
         order = list(steps)
         for r in range(args.repeats):
             random.Random(r).shuffle(order)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from graftr.cliargs import collect_overrides
 from graftr.train.distributed import free_port, launched
 
 
@@ -35,22 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="path.to.field=value",
                         help="recipe overrides applied before validation, e.g. train.max_steps=20 train.zero_stage=3")
     collect_overrides(parser)
-
-
-def collect_overrides(parser: argparse.ArgumentParser) -> None:
-    """Make every leftover word that is not an option part of ``args.overrides`` (a positional list)."""
-    # argparse stops filling a positional list at the first option, so words written after --data would be
-    # rejected as unrecognized arguments: every leftover word that is not an option is an override, wherever it
-    # stands, and parse_override judges all of them alike (one error, the same before or after any option).
-    parse = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        namespace, rest = parse(args, namespace)
-        extra = [a for a in rest if not a.startswith("-")]
-        namespace.overrides = [*(namespace.overrides or []), *extra]
-        return namespace, [a for a in rest if a not in extra]
-
-    parser.parse_known_args = parse_known_args
 
 
 def _relaunch(args, recipe_name: str) -> int:

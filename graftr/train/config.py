@@ -222,6 +222,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # DeepSpeed would replace torch.nn.functional.linear process-wide (a memory saving for eager modules);
         # the traced graph calls aten.linear directly, so it gains nothing and later traces would break.
         zero["memory_efficient_linear"] = False
+        # one layer's parameters gathered at a time, as graftr estimate counts: DeepSpeed's default keeps a
+        # gathered parameter until it is used again if that is within 1e9 parameters of work (the last layers' from
+        # forward to backward: ~2 GB of Llama-2-7B in bf16); a layer is gathered again for its backward instead
+        zero["stage3_max_reuse_distance"] = 0
     if cfg.offload in ("optimizer", "optimizer_and_params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.offload == "optimizer_and_params":

@@ -167,6 +167,10 @@ def setup_device(cfg, local_rank: int) -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        from graftr.train.memory import return_freed_memory
+
+        return_freed_memory()  # freed activations go back to the system, not to malloc's heap
     if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # processes on one machine share its cores; each taking all of them would oversubscribe
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
@@ -296,10 +300,11 @@ def setup_data(run: Run, recipe, model_id: str, data: str) -> Data:
 
 def setup_model(run: Run, recipe, data: Data, device: torch.device):
     """Trace on ``meta``, graft, load the weights into the graph; outline, move and compile as configured."""
-    from graftr import quantize
+    from graftr import cpu_matmul, quantize
     from graftr.grafted import graft
     from graftr.materialize import build_empty, materialize, set_graph_device
     from graftr.outline import outline_layers
+    from graftr.passbase import run_passes
 
     cfg = run.cfg
     dtype = PRECISIONS[cfg.precision]
@@ -310,6 +315,11 @@ def setup_model(run: Run, recipe, data: Data, device: torch.device):
         run.say(f"[dim]{line}[/]")
     if (line := quantize.summary(gm)) is not None:  # the recipe's quantize: (quantized while loading)
         run.say(f"[dim]{line}[/]")
+    if cpu_matmul.wanted(device, dtype):  # 16-bit products are slow on this CPU: the frozen linears in fp32
+        run_passes(gm, cpu_matmul.CpuMatmulPass())
+    if getattr(gm, "graftr_fp32_matmuls", 0):
+        run.say(f"[dim]{gm.graftr_fp32_matmuls} frozen linears compute in fp32 on this CPU (weights stay "
+                f"{cfg.precision}; graftr.cpu_matmul)[/]")
     if data.label_names is not None:  # the saved adapter's manifest carries the class names (eval, inference)
         gm.hf_config.id2label = dict(enumerate(data.label_names))
         gm.hf_config.label2id = {name: i for i, name in enumerate(data.label_names)}

@@ -27,6 +27,30 @@ def _status() -> dict[str, int]:
     return fields
 
 
+def return_freed_memory() -> bool:
+    """Keep glibc's malloc from holding on to freed activations (CPU training; returns whether it applied).
+
+    glibc serves an allocation above its mmap threshold (128 KiB) with its own mapping, returned to the system when
+    freed, but after such a free it raises the threshold to that size (up to 32 MiB), so later activations of that
+    size come from the heap, which keeps freed memory resident. Over a training step that retention reached 0.25 GiB
+    of a 0.85 GiB peak on a 57 M-parameter Llama (tests/test_scale.py): ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` fixes
+    the threshold at its default and turns the adjustment off. The cost is a page fault per page of each new large
+    tensor (not measurable in the step time there, docs/benchmarks.md).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+
+
 def _reset_high_water_mark() -> None:
     """Set ``VmHWM`` to the current resident size (Linux: ``5`` written to ``/proc/self/clear_refs``)."""
     try:
