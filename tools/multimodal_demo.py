@@ -117,6 +117,9 @@ def main(argv: list[str]) -> int:
 
     if len(argv) != 1:
         raise SystemExit(__doc__.split("\n\n")[1])
+    if Path(argv[0]).exists():  # the demo writes a fresh directory; never one of yours, nor its own earlier run
+        print(f"error: {argv[0]} exists; the demo writes a new directory: remove it or name another", file=sys.stderr)
+        return 2
     paths = build(Path(argv[0]))
     root = paths["root"]
     commands = [

@@ -31,6 +31,11 @@ SKIP = [
     (re.compile(r"--nproc|^deepspeed |^torchrun "), "several processes: tests/test_train.py runs them (slow tests)"),
     (re.compile(r"train\.compile=true"), "torch.compile: tests/test_train.py compares it with eager (slow test)"),
     (re.compile(r"^python tools/bench\.py"), "a benchmark (minutes of CPU; tests/test_bench.py runs its smoke test)"),
+    (re.compile(r"^flock |^python tools/(quant_bench|seq_bench|random_checkpoint)\.py"),
+     "a benchmark or the 7B checkpoint writer (minutes to an hour of CPU, 13.5 GB of disk): docs/benchmarks.md "
+     "reports its runs"),
+    (re.compile(r"--model DIR\b|--data DATA\b"), "a template: DIR and DATA stand for your model and data"),
+    (re.compile(r"tools/gpu_check\.sh"), "needs a GPU (run through the device tool; docs/training.md)"),
     (re.compile(r"^python -m pytest"), "the test suite itself"),
     (re.compile(r"^(graftr (train|merge|generate|eval)\b).*--model meta-llama/"), "needs the Llama-2-7B weights"),
     (re.compile(r"\.\./shared/fixtures|/work/shared/fixtures"), "reads the published InA fixture outside the repository"),
