@@ -36,6 +36,8 @@ SKIP = [
      "reports its runs"),
     (re.compile(r"--model DIR\b|--data DATA\b"), "a template: DIR and DATA stand for your model and data"),
     (re.compile(r"tools/gpu_check\.sh"), "needs a GPU (run through the device tool; docs/training.md)"),
+    (re.compile(r"^graftr merge runs/after/prompt/adapter"), "shows the refusal to merge attention adapters (its "
+                                                             "error is printed below it; tests/test_merge.py checks it)"),
     (re.compile(r"^python -m pytest"), "the test suite itself"),
     (re.compile(r"^(graftr (train|merge|generate|eval)\b).*--model meta-llama/"), "needs the Llama-2-7B weights"),
     (re.compile(r"\.\./shared/fixtures|/work/shared/fixtures"), "reads the published InA fixture outside the repository"),
