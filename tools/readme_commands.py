@@ -36,6 +36,8 @@ SKIP = [
      "reports its runs"),
     (re.compile(r"--model DIR\b|--data DATA\b"), "a template: DIR and DATA stand for your model and data"),
     (re.compile(r"tools/gpu_check\.sh"), "needs a GPU (run through the device tool; docs/training.md)"),
+    (re.compile(r"--adapter runs/hf/"), "the adapter comes from the TRL example of docs/hf.md, Python that "
+                                         "tests/test_hf.py and tests/test_harness.py run"),
     (re.compile(r"^graftr merge runs/after/prompt/adapter"), "shows the refusal to merge attention adapters (its "
                                                              "error is printed below it; tests/test_merge.py checks it)"),
     (re.compile(r"^python -m pytest"), "the test suite itself"),
