@@ -36,6 +36,8 @@ SKIP = [
      "reports its runs"),
     (re.compile(r"--model DIR\b|--data DATA\b"), "a template: DIR and DATA stand for your model and data"),
     (re.compile(r"tools/gpu_check\.sh"), "needs a GPU (run through the device tool; docs/training.md)"),
+    (re.compile(r"deepspeed_config=ds_config\.json"), "reads the ds_config.json shown above it as JSON (not a "
+                                                       "command); tests/test_train.py checks the merge"),
     (re.compile(r"--adapter runs/hf/"), "the adapter comes from the TRL example of docs/hf.md, Python that "
                                          "tests/test_hf.py and tests/test_harness.py run"),
     (re.compile(r"^graftr merge runs/after/prompt/adapter"), "shows the refusal to merge attention adapters (its "
