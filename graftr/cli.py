@@ -44,7 +44,7 @@ def _load_base(model_arg: str | None, recipe=None, *, device: str = "meta", dtyp
 def cmd_apply(args) -> int:
     from graftr import passes
     from graftr.grafted import graft, prepare, summary
-    from graftr.names import DTYPES
+    from graftr.names import torch_dtype
     from graftr.passbase import run_passes
     from graftr.recipe import load_recipe
 
@@ -55,7 +55,7 @@ def cmd_apply(args) -> int:
 
         check_out(Path(args.out), MANIFEST, force=args.force)
     t0 = time.perf_counter()
-    source, model, task = _load_base(args.model, recipe, dtype=DTYPES[args.dtype])
+    source, model, task = _load_base(args.model, recipe, dtype=torch_dtype(args.dtype))
     t_build = time.perf_counter()
     # a plan on the meta device never runs: trace the example shapes only (the same sites, in half the time)
     gm = prepare(model, model_id=source.model_id, task=task, dynamic=False)

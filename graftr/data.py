@@ -29,47 +29,19 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
 
-from graftr.configmodel import ConfigModel
 from graftr.errors import GraftrError
 from graftr.loss import IGNORE_INDEX
+from graftr.sections import PROMPT_TEMPLATES, DataConfig
 
 if TYPE_CHECKING:  # imported where used: recipes validate (graftr apply) without loading `datasets`
     import datasets
 
 
-# The Stanford Alpaca templates exactly as in tatsu-lab/stanford_alpaca train.py (PROMPT_DICT).
-PROMPT_TEMPLATES: dict[str, dict[str, str]] = {
-    "alpaca": {
-        "with_input": (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-        ),
-        "no_input": (
-            "Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Response:"
-        ),
-    },
-}
-
 _FORMATS_BY_TASK = {"causal_lm": ("alpaca", "chat", "text"), "seq2seq_lm": ("alpaca",), "seq_cls": ("classification",)}
-
-# Options that only some formats read; setting one for another format is an error rather than a silent no-op.
-_FORMAT_OPTIONS = {
-    "packing": ("text",),
-    "text_column": ("text", "classification"),
-    "text_pair_column": ("classification",),
-    "label_column": ("classification",),
-    "messages_column": ("chat",),
-    "prompt_template": ("alpaca",),
-    "image_column": ("alpaca", "chat"),
-}
 
 # File extension -> (datasets builder, builder options).
 _BUILDERS: dict[str, tuple[str, dict[str, str]]] = {
@@ -81,43 +53,6 @@ _BUILDERS: dict[str, tuple[str, dict[str, str]]] = {
 }
 _SPLIT_FILE = re.compile(r"(train|validation|valid|dev|test)([-_.].*)?", re.IGNORECASE)
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation"}
-
-
-class DataConfig(ConfigModel):
-    """The ``data:`` part of a recipe's train section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["alpaca", "chat", "text", "classification"] | None = None  # None: inferred from the columns
-    train_split: str = "train"
-    eval_split: str | None = "validation"  # None: no eval; a missing split is an error only when named explicitly
-    max_length: int = Field(512, ge=1)  # tokens
-    overlong: Literal["error", "truncate", "drop"] = "truncate"
-    packing: bool = False  # text format only: concatenate the documents and cut them into max_length blocks
-    text_column: str = "text"
-    text_pair_column: str | None = None  # classification of pairs (GLUE style), e.g. "sentence2"
-    label_column: str = "label"
-    messages_column: str = "messages"
-    prompt_template: str = "alpaca"  # a key of PROMPT_TEMPLATES
-    image_column: str | None = None  # alpaca/chat: a column of image file paths, relative to the data file's folder
-    eval_fraction: float | None = Field(None, gt=0, lt=1)  # carve a seeded eval split out of train if none exists
-    limit: int | None = Field(None, ge=1)  # keep only the first N train examples (before any eval_fraction carve)
-
-    @model_validator(mode="after")
-    def _check_options(self) -> DataConfig:
-        # by value, not by whether the field was written: a resolved recipe (every default written out) reads back
-        fields = type(self).model_fields
-        for option, formats in _FORMAT_OPTIONS.items():
-            if self.format is not None and getattr(self, option) != fields[option].default and \
-                    self.format not in formats:
-                raise ValueError(f"{option} applies to format {' or '.join(formats)} only, not {self.format}")
-        if self.packing and self.overlong != fields["overlong"].default:
-            raise ValueError("overlong does not apply with packing (blocks are exactly max_length)")
-        if self.prompt_template not in PROMPT_TEMPLATES:
-            raise ValueError(f"unknown prompt_template {self.prompt_template!r} (known: {', '.join(PROMPT_TEMPLATES)})")
-        if self.eval_fraction is not None and self.eval_split is None:
-            raise ValueError("eval_fraction carves an eval split but eval_split is null (no eval); choose one")
-        return self
 
 
 class TokenizedSet(torch.utils.data.Dataset):

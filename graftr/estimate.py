@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from graftr.names import torch_dtype
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Estimate:
             ("gradients", gib(self.gradients)),
             ("optimizer states", f"{gib(self.optimizer)}  (AdamW moments"
                                  + (" + fp32 master" if self.precision != "fp32" else "") + ")"),
-            (f"activations, no checkpointing", f"{gib(self.activations)}  (micro batch {self.micro_batch_size} × "
+            ("activations, no checkpointing", f"{gib(self.activations)}  (micro batch {self.micro_batch_size} × "
                                                f"{self.seq_len} tokens)"),
             ("activations, checkpointing layers", gib(self.activations_checkpointed)),
             ("loss workspace", f"{gib(self.loss_workspace)}  (the fused loss's logits chunk)"),
@@ -189,7 +189,7 @@ def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
     cfg = recipe.train
     source = resolve(model_id)
     task = recipe.task or infer_task(source.config)
-    dtype = PRECISIONS[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     gm = graft(build_empty(source.config, task, dtype=dtype, num_labels=recipe.num_labels), recipe,
                model_id=source.model_id)
     unique = {id(p): (n, p) for n, p in gm.named_parameters()}.values()

@@ -124,7 +124,7 @@ def main(args) -> int:
     from graftr.console import console
     from graftr.data import Collator, build_datasets
     from graftr.load import load_for_inference
-    from graftr.names import DTYPES
+    from graftr.names import torch_dtype
     from graftr.models import load_tokenizer
     from graftr.vision import processor_for
 
@@ -147,7 +147,7 @@ def main(args) -> int:
         raise GraftrError("--data evaluates an adapter: pass --adapter (or use --tasks to evaluate the base alone)")
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console,
+    loaded = load_for_inference(args.model, args.adapter, dtype=torch_dtype(args.dtype), console=console,
                                 trust_code=args.trust_code)
     cfg = data_config(loaded.recipe, args.overrides, args.split)
     if cfg.eval_split is None:

@@ -283,11 +283,11 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from graftr.console import console, errors
     from graftr.load import load_for_inference
-    from graftr.names import DTYPES, GENERATIVE_TASKS
+    from graftr.names import GENERATIVE_TASKS, torch_dtype
     from graftr.models import load_tokenizer
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
-    loaded = load_for_inference(args.model, args.adapter, dtype=DTYPES[args.dtype], console=console,
+    loaded = load_for_inference(args.model, args.adapter, dtype=torch_dtype(args.dtype), console=console,
                                 trust_code=args.trust_code)
     if loaded.gm.task not in GENERATIVE_TASKS:
         raise GraftrError(f"generate needs a causal_lm or seq2seq_lm model; this one is {loaded.gm.task}")

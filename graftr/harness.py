@@ -149,7 +149,7 @@ def main(args) -> int:
     from graftr.console import console as out
     from graftr.load import load_with_weights, resolve_base
     from graftr.models import load_tokenizer
-    from graftr.names import DTYPES
+    from graftr.names import torch_dtype
 
     names = task_names(args.tasks)
     require_lm_eval()
@@ -165,7 +165,7 @@ def main(args) -> int:
     # configs only: fails fast
     base = resolve_base(args.model, args.adapter, weights=True, console=out, trust_code=args.trust_code)
     preloaded = load_tasks(names, args.include_path)  # every dataset, before any weight is read
-    loaded = load_with_weights(base, args.adapter, dtype=DTYPES[args.dtype])
+    loaded = load_with_weights(base, args.adapter, dtype=torch_dtype(args.dtype))
     tokenizer = load_tokenizer(loaded.source)
     start = time.perf_counter()
     results = evaluate_tasks(loaded.gm, tokenizer, names, num_fewshot=args.num_fewshot, limit=args.limit,

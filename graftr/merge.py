@@ -26,7 +26,7 @@ from torch import nn
 from graftr import quantize
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
 from graftr.load import Base, Loaded, add_trust_argument
-from graftr.names import DTYPES
+from graftr.names import DTYPES, torch_dtype
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -108,7 +108,7 @@ def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype, *, force: 
 def _quantized_output_dtype(config, base_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a model merged from a quantized base (``--dtype auto``): the quantized matmuls' compute dtype
     if 16-bit, else the base's own if 16-bit, else bfloat16."""
-    compute = quantize.DTYPES.get(config.compute_dtype or "")
+    compute = torch_dtype(config.compute_dtype) if config.compute_dtype else None
     for dtype in (compute, base_dtype):
         if dtype in (torch.bfloat16, torch.float16):
             return dtype
@@ -155,7 +155,7 @@ def main(args) -> int:
     plans = [(p.name, p.rule.adapter.kind, len(p.sites)) for p in loaded.gm.plans]
     round_tripped = len(loaded.gm.graftr_quantized)
     hf = merge_into_hf(loaded)
-    dtype = _config_dtype(loaded.source.config) if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = _config_dtype(loaded.source.config) if args.dtype == "auto" else torch_dtype(args.dtype)
     if quantized and args.dtype == "auto":
         dtype = _quantized_output_dtype(base.recipe.quantize, dtype)
     save_merged(hf, loaded.source, Path(args.out), dtype, force=args.force)

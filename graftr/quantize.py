@@ -38,20 +38,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import fx
 
 from graftr import fxmeta
-from graftr.configmodel import ConfigModel
 from graftr.errors import GraftrError
+from graftr.names import torch_dtype
 from graftr.passbase import GraphPass, PassResult
+from graftr.sections import QuantizeConfig
 
 METHODS = ("nf4", "fp4", "int8")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block of the double-quantized absmax
 MISSING_BNB = ("quantize needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0.46' "
@@ -65,48 +63,6 @@ def bnb():
     except ImportError:
         raise GraftrError(MISSING_BNB) from None
     return bitsandbytes
-
-
-class QuantizeConfig(ConfigModel):
-    """The recipe's ``quantize:`` section: how the frozen base's linear layers are stored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["nf4", "fp4", "int8", "none"] = Field(
-        description="nf4 / fp4: 4-bit blockwise (bitsandbytes), int8: row-wise 8-bit, none: full precision")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        None, description="dtype the quantized matmuls run in (input cast to it, output cast back); "
-        "default: the model's dtype (train.precision, --dtype)")
-    double_quant: bool = Field(False, description="4-bit only: quantize the per-block absmax too (QLoRA's double "
-                                                  "quantization, ~0.37 bits/parameter less)")
-    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
-        64, description="4-bit only: weights per absmax block")
-    skip: list[str] = Field([], description="module path globs of linear layers kept in full precision (heads "
-                                            "and embeddings are never quantized)")
-
-    @field_validator("skip", mode="before")
-    @classmethod
-    def _globs(cls, value: Any) -> Any:
-        from graftr.selectors import compile_glob
-
-        value = [value] if isinstance(value, str) else value
-        for pattern in value if isinstance(value, list) else []:
-            if isinstance(pattern, str):
-                compile_glob(pattern)  # raises ValueError naming the problem
-        return value
-
-    @model_validator(mode="after")
-    def _four_bit_options(self) -> QuantizeConfig:
-        if self.method == "int8":
-            given = [f for f in ("double_quant", "blocksize") if f in self.model_fields_set]
-            if given:
-                raise ValueError(f"{' and '.join(given)} only apply to the 4-bit methods (nf4, fp4); int8 stores "
-                                 "one scale per output row")
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
 
 
 def active(config: QuantizeConfig | None) -> bool:
@@ -372,7 +328,7 @@ class QuantizePass(GraphPass):
 
     def call(self, gm) -> PassResult:
         config = self.config
-        compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
+        compute = torch_dtype(config.compute_dtype) if config.compute_dtype else None
         for site in select(gm, config, self.trainable):
             weight = gm.get_parameter(site.weight)
             spec = QuantizedWeight(site.path, site.weight, config.method, site.out_features, site.in_features,

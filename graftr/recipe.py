@@ -32,11 +32,10 @@ from graftr import registry
 from graftr.configmodel import Boolean, ConfigModel
 from graftr.errors import GraftrError, MatchError, RecipeError
 from graftr.names import Task
-from graftr.quantize import QuantizeConfig
+from graftr.sections import QuantizeConfig, VisionConfig
 from graftr.registry import AdapterConfig
 from graftr.selectors import LayerSelect, compile_glob
 from graftr.train.config import TrainConfig
-from graftr.vision import VisionConfig
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"  # never a path: no '/', no '.', so never '..'
@@ -388,9 +387,9 @@ def _problem(root: yaml.Node, error: dict) -> tuple[int, str, str]:
         loc += ("kind",)
         tag = error["ctx"].get("tag")
         what = f"unknown adapter kind {tag!r}" if tag is not None else "missing adapter kind"
-        close = _closest_word(tag, registry.kinds())
+        close = _closest_word(tag, registry.configs())
         what += f" (did you mean {close!r}?)" if close else ""
-        message = f"{what}; registered kinds: {', '.join(sorted(registry.kinds()))}"
+        message = f"{what}; registered kinds: {', '.join(sorted(registry.configs()))}"
     elif error["type"] == "extra_forbidden":
         close = _closest_word(loc[-1], _keys_at(loc[:-1]))
         message += f"; did you mean {close!r}?" if close else ""
@@ -427,8 +426,8 @@ def _keys_at(loc: tuple) -> list[str]:
         tp = unwrap(tp)
         if isinstance(part, int) and get_origin(tp) is list:
             tp = get_args(tp)[0]
-        elif get_origin(tp) in (Union, types.UnionType) and part in registry.kinds():
-            tp = registry.kinds()[part].config_cls
+        elif get_origin(tp) in (Union, types.UnionType) and part in registry.configs():
+            tp = registry.configs()[part]
         elif isinstance(tp, type) and issubclass(tp, ConfigModel) and part in tp.model_fields:
             tp = tp.model_fields[part].annotation
         else:

@@ -105,6 +105,10 @@ def register_adapter(config_cls: type[AdapterConfig], *, ops: tuple[str, ...] | 
     if not ops or bad:
         raise TypeError(f"adapter kind {name!r}: ops must be a non-empty subset of {SITE_OPS}, got {tuple(ops)}")
 
+    builtin = _builtin_configs().get(name)
+    if builtin is not None and builtin is not config_cls:
+        raise ValueError(f"adapter kind {name!r} is a built-in kind of graftr; choose another name")
+
     def decorator(module_cls: type) -> type:
         taken = next((k for k in _KINDS.values() if k.name == name), None)
         if taken is not None and taken.module_cls is not module_cls:
@@ -120,8 +124,17 @@ def register_adapter(config_cls: type[AdapterConfig], *, ops: tuple[str, ...] | 
     return decorator
 
 
+def _builtin_configs() -> dict[str, type[AdapterConfig]]:
+    from graftr.adapters.config import BUILTIN  # torch-free: the built-in kinds' configs without their modules
+
+    return {_kind_name(c): c for c in BUILTIN}
+
+
 def _load_builtin() -> None:
-    import graftr.adapters  # noqa: F401  (registers the built-in kinds)
+    from graftr.adapters import BUILTIN_MODULES
+
+    for name in BUILTIN_MODULES:  # each registers its kind
+        importlib.import_module(name)
 
 
 _ENTRY_POINTS_LOADED = [False]
@@ -158,14 +171,21 @@ def get_kind(name: str) -> AdapterKind:
     return known[name]
 
 
+def configs() -> dict[str, type[AdapterConfig]]:
+    """Every kind's config class by name: what a recipe validates against. Unlike :func:`kinds` it does not import
+    the built-in kinds' modules (nor torch), so ``graftr validate`` and ``graftr schema`` start at once."""
+    _load_entry_points()
+    return {**_builtin_configs(), **{k.name: k.config_cls for k in _KINDS.values()}}
+
+
 def registry_version() -> int:
-    kinds()
+    _load_entry_points()
     return _VERSION[0]
 
 
 def adapter_union() -> Any:
-    """The discriminated union over every registered config class (the type of a rule's ``adapter`` field)."""
-    classes = tuple(k.config_cls for k in kinds().values())
+    """The discriminated union over every kind's config class (the type of a rule's ``adapter`` field)."""
+    classes = tuple(configs().values())
     if len(classes) == 1:
         return Annotated[classes[0], Field(discriminator="kind")]
     return Annotated[Union[classes], Field(discriminator="kind")]  # type: ignore[valid-type]

@@ -26,45 +26,20 @@ directory before :func:`graftr.materialize.materialize` loads the base.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
 from torch import fx, nn
 from torch.utils._pytree import tree_structure
 
-from graftr.configmodel import ConfigModel
 from graftr.errors import GraftrError
 from graftr.passbase import GraphPass, PassResult
+from graftr.sections import VisionConfig
 
 TARGET = "vision_prompt"  # where the module is installed in the grafted model
 PIXELS = "pixel_values"  # the graph input
 ENCODER_TYPES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-
-
-class VisionFeatures(ConfigModel):
-    """Which global features of the encoder are projected (multi-scale: several layers)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    layers: Annotated[list[int], Field(min_length=1)] = Field(
-        [-1], description="hidden-state indices of the encoder (0: the embeddings, n: after layer n, -1: the last)")
-    pool: Literal["cls", "mean"] = Field(
-        "cls", description="cls: the class token (CLIP); mean: the mean over all tokens (SigLIP has no class token)")
-
-
-class VisionConfig(ConfigModel):
-    """The recipe's ``vision:`` section: the frozen encoder and the trainable projection to the model width."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    encoder: str = Field(min_length=1, description="CLIP or SigLIP model (or vision tower): a directory, a hub id "
-                         "in the local cache, or a bundled config snapshot (structure only)")
-    features: VisionFeatures = Field(VisionFeatures(), description="the encoder's global features")
-    hidden: int = Field(0, ge=0, description="hidden width of the projection MLP; 0: one Linear to the model width")
-    activation: Literal["relu", "gelu", "silu", "tanh"] = Field("gelu", description="σ of the projection MLP")
 
 
 # ---- the encoder -------------------------------------------------------------------------------------------------

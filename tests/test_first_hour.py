@@ -312,12 +312,23 @@ def test_every_argument_has_help_and_the_version_prints(capsys):
     assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("graftr ")
 
 
-def test_help_imports_no_library():
-    """``graftr --help`` builds its parser without torch, transformers, datasets or DeepSpeed (start-up speed; the
-    times are in docs/benchmarks.md)."""
+@pytest.mark.parametrize("args", [["--help"], ["validate", *sorted(str(p) for p in RECIPES.glob("*.yaml"))],
+                                  ["schema", "--out", "{tmp}/schema.json"]], ids=["help", "validate", "schema"])
+def test_the_quick_commands_import_no_library(args, tmp_path):
+    """``graftr --help``, ``validate`` (every shipped recipe, against every built-in kind) and ``schema`` run without
+    importing torch, transformers, datasets, DeepSpeed or matplotlib (start-up speed; the times are in
+    docs/benchmarks.md): the built-in kinds' configs live in graftr/adapters/config.py, the sections' in
+    graftr/sections.py."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     script = ("import sys, graftr.cli\n"
-              "try:\n    graftr.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-              "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'deepspeed', 'matplotlib') "
+              f"try:\n    code = graftr.cli.main({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
+              "print(code, sorted(m for m in ('torch', 'transformers', 'datasets', 'deepspeed', 'matplotlib') "
               "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+    if args[0] == "validate":
+        assert done.stdout.count("✓") == len(args) - 1, done.stdout
+    if args[0] == "schema":
+        kinds = json.loads((tmp_path / "schema.json").read_text())["$defs"]
+        assert {"IA3Config", "InAConfig", "GatedPromptConfig", "ScaleBiasConfig", "QuantizeConfig",
+                "VisionConfig", "DataConfig"} <= set(kinds)

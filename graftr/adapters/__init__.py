@@ -1,6 +1,5 @@
-"""Built-in adapter kinds. Importing this package registers them (see :mod:`graftr.registry`)."""
+"""Built-in adapter kinds: their configs in :mod:`graftr.adapters.config` (torch-free), one module per kind beside
+it. :func:`graftr.registry.kinds` imports the modules, which register the kinds (see :mod:`graftr.registry`)."""
 
-from graftr.adapters import ia3  # noqa: F401
-from graftr.adapters import ina  # noqa: F401
-from graftr.adapters import gated_prompt  # noqa: F401
-from graftr.adapters import scale_bias  # noqa: F401
+BUILTIN_MODULES = ("graftr.adapters.ia3", "graftr.adapters.ina", "graftr.adapters.gated_prompt",
+                   "graftr.adapters.scale_bias")

@@ -38,80 +38,22 @@ from __future__ import annotations
 import json
 import math
 import operator
-import warnings
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import fx, nn
 
 from graftr import fxmeta, quantize
 from graftr.adapters.base import Adapter, _tag
+from graftr.adapters.config import GatedPromptConfig
 from graftr.adapters.prompts import Hypernetwork, SharedMLP
 from graftr.errors import GraftrError
 from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
 from graftr.grafted import GraftedModel, graft, prepare
-from graftr.names import DTYPES
-from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
+from graftr.names import torch_dtype
+from graftr.registry import register_adapter
 from graftr.sites import SOFTMAX_OPS
 from graftr.vision import visual_node
-
-_EMBEDDING_DIM = {"hypernetwork": 64, "shared_mlp": 256}  # the official code's widths of E and of the table rows
-_GENERATOR_FIELDS = ("embedding_dim", "hidden", "activation")
-
-
-class GatedPromptConfig(AdapterConfig):
-    # the official Alpaca run (LLaMA-Adapter alpaca_finetuning_v1, finetuning.py and util/lr_sched.py; the same in
-    # Diep et al.'s finetune_llama_non_linear.sh): base lr 9e-3 scaled by batch/256, 2 warm-up epochs of 5 then a
-    # half-cycle cosine to 0, AdamW weight decay 0.02
-    training_defaults = TrainingDefaults(lr=9e-3, per_batch=256, lr_schedule="cosine", warmup_ratio=0.4,
-                                         weight_decay=0.02, source="LLaMA-Adapter's official Alpaca run")
-    kind: Literal["gated_prompt"] = "gated_prompt"
-    length: int = Field(10, ge=1, description="L, prompt tokens per attention block")
-    prompt: Literal["linear", "hypernetwork", "shared_mlp"] = Field(
-        "linear", description="linear: a parameter per block; hypernetwork / shared_mlp: one generator per rule")
-    embedding_dim: int | None = Field(
-        None, ge=1, description="hypernetwork: width of the layer embedding E (default 64); shared_mlp: width of "
-        "the prompt table rows (default 256)")
-    hidden: int = Field(64, ge=0, description="hidden width h of the generator MLP; 0: one layer, σ(W2·x + b2)")
-    activation: Literal["relu", "leaky_relu", "gelu", "tanh", "sigmoid"] = Field(
-        "relu", description="σ of the generator MLP (leaky_relu has slope 0.1, as the official code)")
-    gate: Literal["per_head_tanh", "scalar", "adapt"] = Field(
-        "per_head_tanh", description="per_head_tanh: tanh(g_h); scalar: one g, no tanh (PEFT); adapt: tanh(q·w_h)")
-    mode: Literal["gated", "prefix"] = Field(
-        "gated", description="gated: separate softmax + zero-init gate; prefix: prompts join the tokens' softmax")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the parameters")
-    condition: Literal["none", "image"] = Field(
-        "none", description="image: the recipe's vision: vector I_p is added to every prompt (LLaMA-Adapter §3.3)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_embedding_dim(cls, data):
-        if isinstance(data, dict) and data.get("embedding_dim") is None and data.get("prompt") in _EMBEDDING_DIM:
-            data = {**data, "embedding_dim": _EMBEDDING_DIM[data["prompt"]]}
-        return data
-
-    @model_validator(mode="after")
-    def _image_needs_gates(self) -> GatedPromptConfig:
-        if self.condition == "image" and self.mode != "gated":
-            raise ValueError("condition: image needs mode: gated (the zero-init gates keep the model unchanged at "
-                             "start for any image; prefix attention has no gate)")
-        return self
-
-    @model_validator(mode="after")
-    def _warn_unused(self) -> GatedPromptConfig:
-        """Options changed from their defaults that do nothing (a dumped recipe writes the defaults out)."""
-        fields = type(self).model_fields
-        changed = [f for f in (*_GENERATOR_FIELDS, "gate") if getattr(self, f) != fields[f].default]
-        unused = [f for f in changed if f != "gate"] if self.prompt == "linear" else []
-        if self.mode == "prefix" and "gate" in changed:
-            unused.append("gate")
-        if unused:
-            warnings.warn(f"gated_prompt: {', '.join(unused)} ha{'s' if len(unused) == 1 else 've'} no effect with "
-                          f"prompt {self.prompt!r} and mode {self.mode!r}", UserWarning, stacklevel=2)
-        return self
-
 
 def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``cat([prefix, x], dim=2)`` with ``prefix`` (heads, L, ·) broadcast over x's batch."""
@@ -145,7 +87,7 @@ class GatedPrompt(Adapter):
         self.gate_kind = config.gate
         self.image = config.condition == "image"
         self.shared, self.layer = shared, site.layer[1] if site.layer else None
-        dtype = DTYPES[config.dtype]
+        dtype = torch_dtype(config.dtype)
         if shared is None:
             self.prompt = nn.Parameter(torch.randn(config.length, self.dim, dtype=dtype, device=device))
         if config.mode == "gated":
@@ -187,7 +129,7 @@ class GatedPrompt(Adapter):
         if len(dims) != 1:
             raise GraftrError(f"gated_prompt: the rule's attention blocks take different widths {sorted(dims)}; "
                               "one prompt generator needs one width")
-        options = (config.length, config.embedding_dim, config.hidden, config.activation, DTYPES[config.dtype], device)
+        options = (config.length, config.embedding_dim, config.hidden, config.activation, torch_dtype(config.dtype), device)
         if config.prompt == "hypernetwork":
             return Hypernetwork(stack_size, dims.pop(), *options)
         return SharedMLP(sorted({s.layer[1] for s in sites}), dims.pop(), *options)

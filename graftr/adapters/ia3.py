@@ -15,7 +15,6 @@ PEFT's ``IA3`` is this kind exactly (:meth:`IA3.from_peft`, :meth:`IA3.to_peft`;
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 import torch
 from torch import nn
@@ -25,16 +24,8 @@ from graftr.errors import GraftrError
 from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
 from graftr.grafted import GraftedModel, graft
-from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
-
-
-class IA3Config(AdapterConfig):
-    # T-Few (r-three/t-few configs/ia3.json and src/utils/Config.py): lr 3e-3, linear decay with 6% warmup, no decay
-    training_defaults = TrainingDefaults(lr=3e-3, lr_schedule="linear", warmup_ratio=0.06,
-                                         source="IA³'s T-Few recipe (Liu et al. 2022)")
-    kind: Literal["ia3"] = "ia3"
-    scale: Literal["output", "input"] = "output"
-    """``output`` for attention-type sites, ``input`` for feed-forward sites (PEFT's ``feedforward_modules``)."""
+from graftr.adapters.config import IA3Config
+from graftr.registry import register_adapter
 
 
 @register_adapter(IA3Config, ops=("linear",))

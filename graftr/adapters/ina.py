@@ -25,21 +25,19 @@ threshold and the activation cannot be folded into a weight (the official code s
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from graftr.adapters.base import LinearAdapter, full_shape
+from graftr.adapters.config import InAConfig
 from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
 from graftr.grafted import GraftedModel, graft
 from graftr.errors import GraftrError, MergeError
-from graftr.names import DTYPES
-from graftr.registry import AdapterConfig, TrainingDefaults, register_adapter
+from graftr.names import torch_dtype
+from graftr.registry import register_adapter
 
 ACTIVATIONS = {
     "leaky_relu": lambda t: F.leaky_relu(t, negative_slope=0.01),  # the official code
@@ -49,29 +47,6 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
     "identity": lambda t: t,
 }
-
-
-class InAConfig(AdapterConfig):
-    # the official GLUE commands (InA_GLUE.batch: run_glue.py without --learning_rate) train with HF
-    # TrainingArguments' defaults: lr 5e-5, linear decay, no warmup, no weight decay
-    training_defaults = TrainingDefaults(lr=5e-5, lr_schedule="linear",
-                                         source="InA's official GLUE commands (run_glue.py, HF Trainer defaults)")
-    kind: Literal["ina"] = "ina"
-    rank: int = Field(8, ge=1, description="r, the inner dimension")
-    alpha: float = Field(16, gt=0, description="the branch is scaled by s = alpha / rank")
-    inhibition: float = Field(0.3, ge=0, le=1, description="p; 0 is plain LoRA (no threshold, no activation)")
-    activation: Literal["leaky_relu", "gelu", "relu", "silu", "tanh", "identity"] = Field(
-        "leaky_relu", description="f; leaky_relu (slope 0.01) as the official code, gelu as the paper text")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input x")
-    init: Literal["lora", "gaussian"] = Field("lora", description="A kaiming-uniform (lora) or N(0, 1/r²); B zeros")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of A, B and the branch")
-
-    @model_validator(mode="after")
-    def _warn_unused_activation(self) -> InAConfig:
-        if self.inhibition == 0 and self.activation != "leaky_relu":
-            warnings.warn(f"ina: activation {self.activation!r} has no effect with inhibition 0 (plain LoRA, "
-                          "no activation, as in the official code)", UserWarning, stacklevel=2)
-        return self
 
 
 def _merge_refusal(inhibition: float) -> str | None:
@@ -102,7 +77,7 @@ class InA(LinearAdapter):
 
     def __init__(self, in_features: int, out_features: int, config: InAConfig, device=None):
         super().__init__()
-        dtype = DTYPES[config.dtype]
+        dtype = torch_dtype(config.dtype)
         self.rank, self.inhibition, self.activation = config.rank, config.inhibition, config.activation
         self.scaling = config.alpha / config.rank
         self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, dtype=dtype, device=device))

@@ -20,20 +20,16 @@ PEFT has no equivalent (no method adds both a bias and a scale per output featur
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from torch import nn
 
 from graftr.adapters.base import LinearAdapter, full_shape
-from graftr.registry import AdapterConfig, register_adapter
+from graftr.adapters.config import ScaleBiasConfig
+from graftr.registry import register_adapter
 
 PEFT_REFUSAL = ("scale_bias has no HF PEFT equivalent (PEFT has no tuner adding a bias and a scale per output "
                 "feature; IA3 is the scale alone): keep the graftr adapter, or merge it with graftr merge")
-
-
-class ScaleBiasConfig(AdapterConfig):
-    kind: Literal["scale_bias"] = "scale_bias"
 
 
 @register_adapter(ScaleBiasConfig, ops=("linear",))

@@ -14,10 +14,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from graftr.formats.graftr import save_adapter
+if TYPE_CHECKING:
+    from graftr.formats.graftr import save_adapter
 
 __all__ = ["is_peft", "load_adapter", "save_adapter"]
+
+
+def __getattr__(name: str) -> Any:  # save_adapter imports torch: only when used (graftr schema writes with .files)
+    if name == "save_adapter":
+        from graftr.formats.graftr import save_adapter
+
+        return save_adapter
+    raise AttributeError(f"module 'graftr.formats' has no attribute {name!r}")
 
 
 def is_peft(path) -> bool:

@@ -15,13 +15,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from safetensors import SafetensorError
 
 from graftr.errors import AdapterLoadError, GraftrError, write_failure
 from graftr.tensorfile import open_safetensors  # noqa: F401  (re-exported: the formats read adapters with it)
+
+if TYPE_CHECKING:  # torch-free at import: `graftr schema` writes its file with these writers
+    import torch
 
 
 def check_out(out: Path, marker: str, *, force: bool) -> None:

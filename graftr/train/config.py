@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from graftr.configmodel import ConfigModel
-from graftr.data import DataConfig
+from graftr.sections import DataConfig
 from graftr.errors import GraftrError
 
 PRECISIONS = ("fp32", "bf16", "fp16")

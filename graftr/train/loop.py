@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from graftr.errors import GraftrError
 from graftr.loss import IGNORE_INDEX
-from graftr.names import PRECISIONS
+from graftr.names import torch_dtype
 from graftr.train.distributed import gathered_adapter_state, init_distributed
 
 
@@ -307,7 +307,7 @@ def setup_model(run: Run, recipe, data: Data, device: torch.device):
     from graftr.passbase import run_passes
 
     cfg = run.cfg
-    dtype = PRECISIONS[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     seed_everything(cfg.seed)  # adapter and new-head init: identical on every rank, and run to run
     gm = graft(build_empty(data.source.config, data.task, dtype=dtype, num_labels=data.num_labels), recipe,
                model_id=data.source.model_id)
@@ -403,7 +403,7 @@ def setup_engine(run: Run, gm, batches: Batches) -> Engine:
     if cfg.zero_stage == 3:
         from graftr.train.precision import partition_zero3
 
-        partition_zero3(gm, ds_config, PRECISIONS[cfg.precision])  # one parameter at a time (see there)
+        partition_zero3(gm, ds_config, torch_dtype(cfg.precision))  # one parameter at a time (see there)
     engine, _, _, scheduler = deepspeed.initialize(model=gm, optimizer=optimizer, lr_scheduler=scheduler,
                                                    model_parameters=trainable, config=ds_config)
     checkpoint.install_engine(engine)  # checkpoints load as data only; a failed write is reported, not raised
