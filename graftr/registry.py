@@ -131,10 +131,8 @@ def _builtin_configs() -> dict[str, type[AdapterConfig]]:
 
 
 def _load_builtin() -> None:
-    from graftr.adapters import BUILTIN_MODULES
-
-    for name in BUILTIN_MODULES:  # each registers its kind
-        importlib.import_module(name)
+    for name in _builtin_configs():  # a built-in kind's module is graftr/adapters/<kind>.py; importing it registers it
+        importlib.import_module(f"graftr.adapters.{name}")
 
 
 _ENTRY_POINTS_LOADED = [False]
