@@ -235,6 +235,8 @@ COMMAND_MODULES = {
                                 "benchmarks (--tasks)"),
     "plot": ("graftr.plot", "draw the train/eval loss (and accuracy) of one or more runs into a PNG"),
     "estimate": ("graftr.estimate", "a training run's memory per rank, from the config alone (no weights read)"),
+    "compare": ("graftr.compare", "train several recipes and PEFT baselines on the same model, data, steps and "
+                                  "seeds; compare held-out quality, speed, memory and size"),
 }
 
 

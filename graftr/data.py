@@ -74,6 +74,24 @@ class TokenizedSet(torch.utils.data.Dataset):
 
 
 @dataclass
+class Answers:
+    """The eval split's checkable answers (``train.data.eval_metric``), scored by :func:`graftr.evaluate.answer_metric`.
+
+    Every example has its reference text and its prompt's token ids (the tokens before the first learned one, as
+    training tokenizes the example). ``choice`` adds, for each example, one tokenized example per choice (the answer
+    replaced by the choice) and the index of the reference among them."""
+
+    metric: str  # "choice" or "exact_match"
+    references: list[str]
+    prompts: list[list[int]]
+    options: list[list[dict]] = field(default_factory=list)  # choice
+    gold: list[int] = field(default_factory=list)  # choice
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+
+@dataclass
 class DataInfo:
     """What :func:`build_datasets` produced; ``notes`` lists everything it changed or dropped."""
 
@@ -85,6 +103,7 @@ class DataInfo:
     label_names: list[str] | None = None  # classification only
     notes: list[str] = field(default_factory=list)
     config: DataConfig | None = None  # the config used, with the inferred format (and columns) filled in
+    answers: Answers | None = None  # the eval split's checkable answers (train.data.eval_metric), if any
 
     @property
     def num_labels(self) -> int | None:
@@ -310,10 +329,79 @@ def build_datasets(source: str, cfg: DataConfig, tokenizer, *, task: str, seed: 
         longest = max(longest, seen)
 
     train, evaluation = built[0], (built[1] if len(built) > 1 else None)
+    answers = _answers(encode, *splits[1], cfg, task) if evaluation is not None else None
     info = DataInfo(num_train=len(train) if train else 0, num_eval=len(evaluation) if evaluation else 0,
                     train_tokens=train.num_tokens if train else 0, eval_tokens=evaluation.num_tokens if evaluation else 0,
-                    max_length_seen=longest, label_names=names, notes=notes, config=cfg)
+                    max_length_seen=longest, label_names=names, notes=notes, config=cfg, answers=answers)
     return train, evaluation, info
+
+
+def _answers(encode: Callable, where: str, ds: datasets.Dataset, cfg: DataConfig, task: str) -> Answers | None:
+    """The eval split's :class:`Answers` for ``cfg.eval_metric`` (``auto``: choice when the split has the choices
+    column), or None when no such metric applies."""
+    metric = cfg.eval_metric
+    if metric == "auto":
+        metric = "choice" if cfg.format in ("alpaca", "chat") and cfg.choices_column in ds.column_names else "none"
+    if metric == "none":
+        return None
+    if task != "causal_lm" or cfg.format not in ("alpaca", "chat"):
+        raise GraftrError(f"train.data.eval_metric {metric} scores the answers of alpaca or chat data on a causal_lm "
+                          f"model, not {cfg.format} data on a {task} model")
+    rows = [dict(row) for row in ds]
+    references = [_reference(row, cfg, f"example {i} of {where}") for i, row in enumerate(rows)]
+    prompts = []
+    for i, example in enumerate(encode(ds, where, truncate=True)):
+        first = next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX), None)
+        if not first:
+            raise GraftrError(f"example {i} of {where}: no prompt before its answer within max_length "
+                              f"{cfg.max_length} (train.data.eval_metric {metric} scores the answer to the prompt)")
+        prompts.append(example["input_ids"][:first])
+    if metric == "exact_match":
+        return Answers("exact_match", references, prompts)
+    import datasets
+
+    if cfg.choices_column not in ds.column_names:
+        raise GraftrError(f"train.data.eval_metric choice needs a '{cfg.choices_column}' column in {where} "
+                          f"(columns: {', '.join(ds.column_names)})")
+    variants, owners, gold = [], [], []
+    for i, (row, reference) in enumerate(zip(rows, references)):
+        choices = row[cfg.choices_column]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise GraftrError(f"example {i} of {where}: '{cfg.choices_column}' must be a list of two or more strings")
+        if reference not in choices:
+            raise GraftrError(f"example {i} of {where}: its answer {reference!r} is not one of its choices "
+                              f"({', '.join(map(repr, choices))})")
+        gold.append(choices.index(reference))
+        for choice in choices:
+            variants.append(_with_answer(row, choice, cfg))
+            owners.append(i)
+    options: list[list[dict]] = [[] for _ in rows]
+    encoded = encode(datasets.Dataset.from_list(variants), where, truncate=True)
+    for owner, example in zip(owners, encoded):
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            raise GraftrError(f"example {owner} of {where}: a choice lies beyond max_length {cfg.max_length}")
+        options[owner].append(example)
+    return Answers("choice", references, prompts, options=options, gold=gold)
+
+
+def _reference(row: dict, cfg: DataConfig, where: str) -> str:
+    """The answer of an alpaca row (its output) or a chat row (its last turn, which must be the assistant's)."""
+    if cfg.format == "alpaca":
+        return row["output"]
+    messages = row[cfg.messages_column]
+    if not messages or messages[-1].get("role") != "assistant" or not isinstance(messages[-1].get("content"), str):
+        raise GraftrError(f"{where}: the last message must be the assistant's answer to score it "
+                          "(train.data.eval_metric)")
+    return messages[-1]["content"]
+
+
+def _with_answer(row: dict, answer: str, cfg: DataConfig) -> dict:
+    """``row`` with its answer replaced by ``answer`` (the other columns as they are)."""
+    if cfg.format == "alpaca":
+        return {**row, "output": answer}
+    messages = [dict(m) for m in row[cfg.messages_column]]
+    messages[-1]["content"] = answer
+    return {**row, cfg.messages_column: messages}
 
 
 def _check_task(cfg: DataConfig, tokenizer, task: str) -> None:

@@ -178,9 +178,9 @@ def activations(gm, micro_batch: int, seq_len: int) -> tuple[int, int]:
     return sum(everything.values()), checkpointed
 
 
-def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
+def estimate(recipe, model_id: str, world: int = 1, seq_len: int | None = None) -> Estimate:
     """The per-rank memory of training ``recipe`` on ``model_id`` with ``world`` processes (nothing is read but
-    the config)."""
+    the config), for micro batches of ``seq_len`` tokens (default: ``train.data.max_length``)."""
     from graftr.grafted import graft
     from graftr.materialize import build_empty
     from graftr.models import infer_task, resolve
@@ -192,6 +192,7 @@ def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
     dtype = torch_dtype(cfg.precision)
     gm = graft(build_empty(source.config, task, dtype=dtype, num_labels=recipe.num_labels), recipe,
                model_id=source.model_id)
+    gm.to("meta")  # the adapters of a meta base are built on the CPU (graftr.passes); counting needs shapes only
     unique = {id(p): (n, p) for n, p in gm.named_parameters()}.values()
     frozen = [(n, p) for n, p in unique if not p.requires_grad]
     trainable = [(n, p) for n, p in unique if p.requires_grad]
@@ -230,13 +231,14 @@ def estimate(recipe, model_id: str, world: int = 1) -> Estimate:
             adapter, rest = n_tr * size / n, ds
         # DeepSpeed's 18 bytes: 2 gradient (16-bit) + 4 gradient (fp32) + 4 master + 8 moments, all partitioned
         gradients, optimizer = rest * 6 / 18, rest * 12 / 18
-    act_none, act_layers = activations(gm, cfg.micro_batch_size, cfg.data.max_length)
+    seq_len = seq_len or cfg.data.max_length
+    act_none, act_layers = activations(gm, cfg.micro_batch_size, seq_len)
     return Estimate(world=n, zero_stage=stage, precision=cfg.precision, micro_batch_size=cfg.micro_batch_size,
-                    seq_len=cfg.data.max_length, base=int(base_bytes / (n if stage == 3 else 1)),
+                    seq_len=seq_len, base=int(base_bytes / (n if stage == 3 else 1)),
                     gathered_layer=layers[largest] if stage == 3 and largest else 0, adapter=int(adapter),
                     gradients=int(gradients), optimizer=int(optimizer), activations=act_none,
                     activations_checkpointed=act_layers, checkpointing=cfg.activation_checkpointing,
-                    loss_workspace=gm.loss_workspace_bytes(cfg.micro_batch_size * cfg.data.max_length),
+                    loss_workspace=gm.loss_workspace_bytes(cfg.micro_batch_size * seq_len),
                     counts={"base": n_base, "trainable": n_tr, "layer": largest, "quantized": n_packed,
                             "layer_params": layers.get(largest, 0) // size if largest else 0})
 

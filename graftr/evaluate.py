@@ -48,7 +48,12 @@ def evaluate(model, loader, *, task: str | None = None, distributed: bool = Fals
                 labels = batch["labels"]
                 # the loss is computed here; only a seq2seq model needs the labels (its decoder inputs)
                 inputs = {k: v for k, v in batch.items() if k != "labels" or task == "seq2seq_lm"}
-                loss, count, correct = _sums(task, model(**inputs).logits.float(), labels)
+                if task in _POSITION_TASKS:  # logits at the scored positions only (GraftedModel.logits_at)
+                    logits, targets, _ = scored_logits(model, inputs, labels, task)
+                    loss = F.cross_entropy(logits, targets, reduction="sum")
+                    count, correct = torch.tensor(targets.numel(), device=device), (logits.argmax(-1) == targets).sum()
+                else:
+                    loss, count, correct = _sums(task, model(**inputs).logits.float(), labels)
                 totals += torch.stack([loss.double(), count.double(), correct.double(),
                                        torch.tensor(labels.shape[0], dtype=torch.float64, device=device)])
     finally:
@@ -63,6 +68,121 @@ def evaluate(model, loader, *, task: str | None = None, distributed: bool = Fals
         return {"loss": loss, "accuracy": correct / count, "examples": int(examples)}
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": int(count),
             "examples": int(examples)}
+
+
+_POSITION_TASKS = ("causal_lm", "masked_lm")  # tasks whose scored positions are those of their labels
+
+
+def _direct(model):
+    """The grafted model inside ``model`` when its graph may be called directly (``logits_at``), else None: not a
+    grafted model, or a DeepSpeed engine under ZeRO-3, which gathers parameters in hooks around module calls."""
+    from graftr.grafted import GraftedModel
+
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, GraftedModel):
+        return None
+    stage = getattr(model, "zero_optimization_stage", None)
+    return None if inner is not model and stage is not None and stage() == 3 else inner
+
+
+def scored_logits(model, inputs: dict, labels: torch.Tensor, task: str):
+    """(logits (N, V) in fp32, targets (N,), the row of each) at the N positions whose label is scored (a causal LM
+    predicts label t + 1 at position t). A grafted model applies its head at those positions only."""
+    if task == "causal_lm":
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX
+        at = F.pad(scored, (0, 1), value=False)  # position t scores label t + 1
+    else:
+        targets = labels
+        scored = at = labels != IGNORE_INDEX
+    direct = _direct(model)
+    if direct is not None:
+        logits = direct.logits_at(at, **inputs)
+    else:
+        logits = model(**inputs).logits[at].float()
+    return logits, targets[scored], at.nonzero()[:, 0]
+
+
+def answer_metric(model, answers, collate, tokenizer, *, batch_size: int = 8) -> dict[str, float]:
+    """The held-out metric of :class:`graftr.data.Answers`: ``{"accuracy": ...}`` (choice: the choice whose tokens
+    have the highest summed log-likelihood is the reference) or ``{"exact_match": ...}`` (the greedy answer,
+    special tokens and surrounding space removed, equals the reference). Every rank scores the whole set (the sets
+    are small; under ZeRO-3 every rank must run the same forwards).
+
+    A choice set also gives the loss (and perplexity, tokens, examples) of :func:`evaluate` on the eval split: the
+    reference's option *is* the eval example, tokenized the same way, so its scored tokens are the split's, and
+    no second pass over the split is needed."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if answers.metric == "choice":
+                return _choice_accuracy(model, answers, collate, batch_size, device)
+            texts = greedy_answers(model, tokenizer, answers.prompts, max_new_tokens=_answer_room(tokenizer, answers),
+                                   batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    hits = sum(text.strip() == reference.strip() for text, reference in zip(texts, answers.references))
+    return {"exact_match": hits / len(answers)}
+
+
+def _choice_accuracy(model, answers, collate, batch_size: int, device) -> dict[str, float]:
+    flat = [option for group in answers.options for option in group]
+    scores, counts = [], []  # per option: summed log-likelihood of its scored tokens, and their number
+    for start in range(0, len(flat), batch_size):
+        batch = {k: v.to(device) for k, v in collate(flat[start:start + batch_size]).items()}
+        labels = batch.pop("labels")
+        logits, targets, rows = scored_logits(model, batch, labels, "causal_lm")
+        logprobs = -F.cross_entropy(logits, targets, reduction="none").double()
+        scores += torch.zeros(labels.shape[0], dtype=torch.float64, device=device).index_add_(0, rows, logprobs).tolist()
+        counts += torch.bincount(rows, minlength=labels.shape[0]).tolist()
+    correct, at, loss, tokens = 0, 0, 0.0, 0
+    for group, gold in zip(answers.options, answers.gold):
+        mine = scores[at:at + len(group)]
+        correct += int(max(range(len(group)), key=mine.__getitem__) == gold)
+        loss, tokens = loss - mine[gold], tokens + counts[at + gold]
+        at += len(group)
+    mean = loss / tokens
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": tokens,
+            "examples": len(answers), "accuracy": correct / len(answers)}
+
+
+def _answer_room(tokenizer, answers) -> int:
+    """New tokens exact match generates: the longest reference's, plus room for an end-of-turn and a wrong answer."""
+    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in answers.references) + 8
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded in batches), decoded without special tokens. A grafted
+    model generates with graftr's KV cache (recomputing when its layers are outlined); others with ``generate``."""
+    from graftr.grafted import GraftedModel
+
+    inner = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start:start + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+        if isinstance(inner, GraftedModel):
+            from graftr.generate import eos_ids, generate_ids
+
+            tokens = generate_ids(inner, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(inner, tokenizer),
+                                  pad_token_id=pad, use_cache=not inner.graftr_outlined).tokens
+        else:
+            eos = {tokenizer.eos_token_id, *_listed(getattr(getattr(inner, "generation_config", None),
+                                                               "eos_token_id", None))} - {None}
+            tokens = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, eos_token_id=sorted(eos), pad_token_id=pad)[:, width:]
+        texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return texts
+
+
+def _listed(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _sums(task: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +257,8 @@ def main(args) -> int:
             raise GraftrError(f"{', '.join(given)} cannot be combined with --tasks (the tasks bring their own data)")
         return harness.main(args)
     harness_only = [flag for flag, value in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit),
-                                             ("--include-path", args.include_path), ("--out", args.out))
+                                             ("--include-path", args.include_path), ("--out", args.out),
+                                             ("--apply-chat-template", args.apply_chat_template or None))
                     if value is not None]
     if harness_only:
         raise GraftrError(f"{', '.join(harness_only)} apply to --tasks (lm-eval benchmarks) only")
@@ -165,7 +286,12 @@ def main(args) -> int:
         console.print(f"[yellow]note:[/] {note}")
     collator = Collator(tokenizer, image_processor=processor_for(loaded.gm))
     loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, collate_fn=collator)
-    metrics = evaluate(loaded.gm, loader)
+    answers = info.answers
+    metrics = {}
+    if answers is None or answers.metric != "choice":  # a choice set gives the split's loss too (answer_metric)
+        metrics = evaluate(loaded.gm, loader)
+    if answers is not None:
+        metrics.update(answer_metric(loaded.gm, answers, collator, tokenizer, batch_size=args.batch_size))
     table = Table(title=f"{args.adapter} on {cfg.eval_split} of {args.data}")
     table.add_column("metric")
     table.add_column("value", justify="right")

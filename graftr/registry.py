@@ -51,14 +51,20 @@ class TrainingDefaults:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     per_batch: int | None = None
+    paper: str | None = None  # where the defaults depart from the paper: the override that restores it, and why
 
     def lr_for(self, global_batch: int) -> float:
         return self.lr * global_batch / self.per_batch if self.per_batch else self.lr
 
-    def describe(self, global_batch: int) -> str:
+    def describe(self, global_batch: int, *, lr: bool = True) -> str:
+        """``lr 0.003, linear, warmup 0.06 of the steps, weight decay 0: <source>`` (``lr=False``: without the
+        rate, when the recipe set its own)."""
         rate = f"{self.lr:g} × batch {global_batch} / {self.per_batch}" if self.per_batch else f"{self.lr:g}"
-        return f"{rate}, {self.lr_schedule}, warmup {self.warmup_ratio:g} of the steps, weight decay " \
-               f"{self.weight_decay:g}: {self.source}"
+        text = f"{self.lr_schedule}, warmup {self.warmup_ratio:g} of the steps, weight decay {self.weight_decay:g}: " \
+               f"{self.source}"
+        if lr:
+            text = f"lr {rate}, {text}" + (f"; the paper's setting: {self.paper}" if self.paper else "")
+        return text
 
 
 class AdapterConfig(ConfigModel):

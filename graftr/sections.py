@@ -105,6 +105,8 @@ _FORMAT_OPTIONS = {
     "messages_column": ("chat",),
     "prompt_template": ("alpaca",),
     "image_column": ("alpaca", "chat"),
+    "eval_metric": ("alpaca", "chat"),
+    "choices_column": ("alpaca", "chat"),
 }
 
 
@@ -127,6 +129,11 @@ class DataConfig(ConfigModel):
     image_column: str | None = None  # alpaca/chat: a column of image file paths, relative to the data file's folder
     eval_fraction: float | None = Field(None, gt=0, lt=1)  # carve a seeded eval split out of train if none exists
     limit: int | None = Field(None, ge=1)  # keep only the first N train examples (before any eval_fraction carve)
+    # the held-out metric beside the loss (alpaca/chat, causal LMs): choice = accuracy by answer likelihood over
+    # each row's choices_column (the reference is the output / last assistant turn); exact_match = the greedy
+    # answer equals the reference (stripped); auto = choice when the eval split has the choices column, else none
+    eval_metric: Literal["auto", "none", "choice", "exact_match"] = "auto"
+    choices_column: str = "choices"
 
     @model_validator(mode="after")
     def _check_options(self) -> DataConfig:

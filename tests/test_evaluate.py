@@ -178,3 +178,123 @@ def test_cli_eval_errors(language_model, capsys):
     assert "hidden_size: adapter 32 vs model 4096" in cli_error(capsys, [*argv, "--model", "meta-llama/Llama-2-7b-hf"])
     assert "only a config" in cli_error(capsys, [*argv, "--model", str(root / "base" / "config.json")])
     assert "does not exist" in cli_error(capsys, ["eval", "--adapter", str(root / "nope"), "--data", "x"])
+
+
+# ---- held-out answers: accuracy by answer likelihood, exact match (train.data.eval_metric) ----------------------
+CHOICES = [("Is fire hot or cold?", "hot"), ("Is snow hot or cold?", "cold"), ("Is the sun hot or cold?", "hot"),
+           ("Is ice hot or cold?", "cold"), ("Is lava hot or cold?", "hot")]
+
+
+@pytest.fixture(scope="module")
+def answers_set(tmp_path_factory, language_model):
+    root = tmp_path_factory.mktemp("answers")
+    (root / "data").mkdir()
+    rows = [{"instruction": q, "input": "", "output": a, "choices": ["hot", "cold", "warm"]} for q, a in CHOICES]
+    write_split(root / "data" / "train.jsonl", rows[:2])
+    write_split(root / "data" / "validation.jsonl", rows)
+    return root, language_model[1]
+
+
+def test_logits_at_equals_the_full_logits_there(language_model):
+    root, gm = language_model
+    batch = Collator(tokenizer())([e for e in eval_set(root, "alpaca", "causal_lm")])
+    mask = batch["labels"] != -100
+    with torch.no_grad():
+        full = gm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        picked = gm.logits_at(mask, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert picked.shape == (int(mask.sum()), full.shape[-1])
+    torch.testing.assert_close(picked, full[mask].float(), rtol=0, atol=1e-5)
+
+
+def test_choice_accuracy_equals_a_manual_likelihood_loop(answers_set):
+    from graftr.evaluate import answer_metric
+
+    root, gm = answers_set
+    tok = tokenizer()
+    _, evaluation, info = build_datasets(str(root / "data"), DataConfig(format="alpaca"), tok, task="causal_lm")
+    answers = info.answers
+    assert answers.metric == "choice" and len(answers) == len(CHOICES) and answers.references == [a for _, a in CHOICES]
+    hits, total, count = 0, 0.0, 0
+    with torch.no_grad():
+        for group, gold in zip(answers.options, answers.gold):
+            scores = []
+            for option in group:  # one option at a time, no padding: the summed log-likelihood of its answer tokens
+                logits = gm(input_ids=torch.tensor([option["input_ids"]])).logits[0, :-1]
+                labels = torch.tensor(option["labels"][1:])
+                scored = labels != -100
+                scores.append(-F.cross_entropy(logits[scored], labels[scored], reduction="sum").item())
+            hits += int(max(range(len(group)), key=scores.__getitem__) == gold)
+            total, count = total - scores[gold], count + int((torch.tensor(group[gold]["labels"][1:]) != -100).sum())
+    got = answer_metric(gm, answers, Collator(tok), tok, batch_size=4)
+    assert got["accuracy"] == hits / len(CHOICES)
+    assert got["loss"] == pytest.approx(total / count, abs=1e-5) and got["tokens"] == count
+    # the reference options are the eval split's examples: the same loss as evaluate() computes on the split
+    assert got["loss"] == pytest.approx(evaluate(gm, loader(evaluation, 2))["loss"], abs=1e-5)
+
+
+def test_exact_match_compares_greedy_answers(answers_set, monkeypatch):
+    from graftr.evaluate import answer_metric, greedy_answers
+
+    root, gm = answers_set
+    tok = tokenizer()
+    cfg = DataConfig(format="alpaca", eval_metric="exact_match")
+    _, _, info = build_datasets(str(root / "data"), cfg, tok, task="causal_lm")
+    answers = info.answers
+    texts = greedy_answers(gm, tok, answers.prompts, max_new_tokens=6, batch_size=2)
+    with torch.no_grad():  # the same greedy tokens one prompt at a time, by recomputing the whole sequence
+        for prompt, text in zip(answers.prompts, texts):
+            ids = torch.tensor([prompt])
+            new = []
+            for _ in range(6):
+                token = int(gm(input_ids=ids).logits[0, -1].argmax())
+                if token == tok.eos_token_id:
+                    break
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            assert text == tok.decode(new, skip_special_tokens=True)
+    got = answer_metric(gm, answers, Collator(tok), tok, batch_size=2)
+    room = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in answers.references) + 8
+    expected = sum(t.strip() == r for t, r in zip(greedy_answers(gm, tok, answers.prompts, max_new_tokens=room),
+                                                   answers.references)) / len(CHOICES)
+    assert got == {"exact_match": expected}
+    # references the model does give (its own greedy answers) count, the others do not
+    import graftr.evaluate
+
+    monkeypatch.setattr(graftr.evaluate, "_answer_room", lambda *a: 6)
+    answers.references = [texts[0].strip(), texts[1].strip(), "x", "x", "x"]
+    assert answer_metric(gm, answers, Collator(tok), tok, batch_size=2) == {"exact_match": 2 / 5}
+
+
+def test_answer_metric_errors(answers_set, tmp_path):
+    root, _ = answers_set
+    tok = tokenizer()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_split(bad / "train.jsonl", [{"instruction": "q", "input": "", "output": "a"}])
+    write_split(bad / "validation.jsonl", [{"instruction": "q", "input": "", "output": "a", "choices": ["b", "c"]}])
+    with pytest.raises(GraftrError, match=r"its answer 'a' is not one of its choices \('b', 'c'\)"):
+        build_datasets(str(bad), DataConfig(format="alpaca"), tok, task="causal_lm")
+    write_split(bad / "validation.jsonl", [{"instruction": "q", "input": "", "output": "a", "choices": "a"}])
+    with pytest.raises(GraftrError, match="'choices' must be a list of two or more strings"):
+        build_datasets(str(bad), DataConfig(format="alpaca"), tok, task="causal_lm")
+    with pytest.raises(GraftrError, match="eval_metric choice needs a 'opts' column"):
+        build_datasets(str(root / "data"), DataConfig(format="alpaca", eval_metric="choice", choices_column="opts"),
+                       tok, task="causal_lm")
+    with pytest.raises(GraftrError, match="scores the answers of alpaca or chat data on a causal_lm model"):
+        build_datasets(str(root / "data"), DataConfig(format="alpaca", eval_metric="exact_match"), tok,
+                       task="seq2seq_lm")
+    # auto: no choices column, no answer metric
+    write_split(bad / "validation.jsonl", [{"instruction": "q", "input": "", "output": "a"}])
+    assert build_datasets(str(bad), DataConfig(format="alpaca"), tok, task="causal_lm")[2].answers is None
+
+
+def test_cli_eval_prints_the_answer_metric(answers_set, language_model, capsys):
+    root, gm = answers_set
+    base, _ = language_model
+    capsys.readouterr()
+    argv = ["eval", "--model", str(base / "base"), "--adapter", str(base / "adapter"), "--data", str(root / "data")]
+    assert cli.main(argv) == 0
+    shown = table_values(capsys.readouterr().out)
+    assert set(shown) >= {"loss", "perplexity", "accuracy"} and 0 <= float(shown["accuracy"]) <= 1
+    assert cli.main([*argv, "data.eval_metric=exact_match"]) == 0
+    assert "exact_match" in table_values(capsys.readouterr().out)

@@ -101,7 +101,7 @@ keep_checkpoints: 4
 log_every: 1
 data: {format: text, max_length: 32, eval_split: null}
 """
-TIMING = ("tokens_per_s", "elapsed_s")
+TIMING = ("tokens_per_s", "step_s", "elapsed_s")
 
 
 def train_here(capsys, *argv: str) -> str:

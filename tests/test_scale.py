@@ -357,3 +357,20 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
         training = json.loads((tmp_path / mode / "adapter" / "manifest.json").read_text())["training"]
         measured, estimated = training["peak_memory"][0], training["memory_estimate"]
         assert abs(estimated - measured) <= 0.25 * measured, (mode, measured / 2**30, estimated / 2**30)
+
+
+def test_freed_memory_goes_back_to_the_system_only_where_memory_is_tight():
+    """train.return_freed_memory: auto fixes glibc's mmap threshold (a page fault per 4 KiB of every large tensor,
+    every step) only when the estimate of the machine's training processes exceeds half the memory available."""
+    from graftr.train.memory import TIGHT, decide
+
+    gib = 2**30
+    assert TIGHT == 0.5
+    assert decide("auto", 4 * gib, 2, 20 * gib) == (False, None)  # 8 of 20 GiB: the run fits either way
+    apply, note = decide("auto", 6 * gib, 2, 20 * gib)  # 12 of 20 GiB
+    assert apply and note.startswith("memory is tight (12.00 GiB estimated for 2 process(es), 20.00 GiB available)")
+    assert decide("auto", None, 1, 20 * gib) == (False, None)  # no estimate (a model graftr cannot count)
+    assert decide("auto", 6 * gib, 1, None) == (False, None)  # no reading of the free memory
+    assert decide("never", 100 * gib, 1, gib) == (False, None)
+    apply, note = decide("always", None, 1, None)
+    assert apply and "train.return_freed_memory: always" in note

@@ -354,7 +354,7 @@ def resume_runs(root, tmp_path_factory):
 
 def same_run(a, b) -> None:
     """Equal per-step records (but the timings) and equal adapters."""
-    timing = ("tokens_per_s", "elapsed_s")
+    timing = ("tokens_per_s", "step_s", "elapsed_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in records(a)] == \
         [{k: v for k, v in r.items() if k not in timing} for r in records(b)]
     x, y = adapter_tensors(a), adapter_tensors(b)
@@ -488,7 +488,8 @@ def test_resume_with_a_lower_lr_after_a_non_finite_loss(root, tmp_path, capsys, 
     loss, calls = GraftedModel._loss, []
 
     def poisoned(self, out, labels, *args, **kwargs):
-        calls.append(1)
+        if out.logits.device.type != "meta":  # not the memory estimate's forward on meta
+            calls.append(1)
         return loss(self, out, labels, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(GraftedModel, "_loss", poisoned)

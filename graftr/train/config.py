@@ -96,6 +96,10 @@ class TrainConfig(ConfigModel):
     outline_layers: bool | Literal["auto"] = Field(
         "auto", description="run each layer as its own submodule so ZeRO-3 gathers one layer at a time; "
         "auto: with ZeRO-3 or activation checkpointing")
+    return_freed_memory: Literal["auto", "always", "never"] = Field(
+        "auto", description="CPU only: give freed activations back to the system at once (glibc's mmap threshold "
+        "fixed at 128 KiB: less peak memory, but a page fault per 4 KiB of every large tensor on every step); auto: "
+        "when graftr's memory estimate exceeds half the memory available")
     activation_checkpointing: Literal["none", "layers"] = Field(
         "none", description="layers: recompute each decoder layer in backward instead of keeping its activations "
         "(dropout masks restored: same results, less memory, one more forward per step)")
@@ -192,7 +196,7 @@ def resolve_defaults(cfg: TrainConfig, adapter_configs: list, global_batch: int)
     kind = ", ".join(sorted(name for name, d in by_kind.items() if d is not None))
     what = "defaults" if cfg.lr is None else "schedule defaults (train.lr is the recipe's)"
     others = f" ({', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none of its own)" if missing else ""
-    return resolved, f"{kind} {what}{others}: lr {defaults.describe(global_batch)}"
+    return resolved, f"{kind} {what}{others}: {defaults.describe(global_batch, lr=cfg.lr is None)}"
 
 
 def warmup(cfg: TrainConfig, total: int) -> int:

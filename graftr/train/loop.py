@@ -107,6 +107,8 @@ class Data:
     eval_set: Dataset | None
     label_names: list[str] | None
     num_labels: int | None
+    longest: int  # tokens of the longest example (packing: of the longest document), before truncation
+    answers: Any = None  # graftr.data.Answers: the eval split's checkable answers (train.data.eval_metric)
 
 
 @dataclass
@@ -145,15 +147,18 @@ class Progress:
 
 
 # ---- set-up steps ----------------------------------------------------------------------------------------------
-def estimate_memory(run: Run, recipe, model_id: str | None) -> None:
-    """Print ``graftr estimate``'s line for this run (rank 0; from the config on ``meta``, nothing read); the end of
-    the run prints the measured peak beside it. A model the estimate cannot count gets a note, not an error."""
+def estimate_memory(run: Run, recipe, data: Data) -> None:
+    """Print ``graftr estimate``'s line for this run (rank 0; from the config on ``meta``, nothing read), for the
+    longest batch the data makes (the longest example, at most ``max_length``); the end of the run prints the
+    measured peak beside it. A model the estimate cannot count gets a note, not an error."""
     from graftr.estimate import estimate
 
-    if not run.main or not model_id:
+    from graftr.baselines import PeftBaseline
+
+    if not run.main or isinstance(recipe, PeftBaseline):  # a PEFT model is not graftr's to count
         return
     try:
-        est = estimate(recipe, model_id, run.world)
+        est = estimate(recipe, data.source.model_id, run.world, seq_len=min(data.longest, run.cfg.data.max_length))
     except Exception as e:  # noqa: BLE001 -- informational: a bad model or recipe fails below with its own error
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         run.say(f"[dim]memory estimate not available: {reason}[/]")
@@ -162,15 +167,30 @@ def estimate_memory(run: Run, recipe, model_id: str | None) -> None:
     run.say(f"[dim]{est.line()}[/]")
 
 
+def setup_memory(run: Run, device: torch.device) -> None:
+    """On a CPU, whether freed activations go back to the system (:func:`graftr.train.memory.decide`: where the
+    estimate says memory is tight, or as ``train.return_freed_memory`` says); every rank decides from rank 0's
+    estimate."""
+    import torch.distributed as dist
+
+    from graftr.train import memory
+
+    if device.type != "cpu":
+        return
+    estimate = [run.estimate]  # rank 0's (the other ranks do not estimate)
+    if run.world > 1:
+        dist.broadcast_object_list(estimate, src=0)
+    apply, note = memory.decide(run.cfg.return_freed_memory, estimate[0], int(os.environ.get("LOCAL_SIZE", "1")),
+                                memory.available())
+    if apply and memory.return_freed_memory() and note:
+        run.say(f"[yellow]note:[/] {note}")
+
+
 def setup_device(cfg, local_rank: int) -> torch.device:
     """This rank's device and thread count; refuses a precision the device does not support."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        from graftr.train.memory import return_freed_memory
-
-        return_freed_memory()  # freed activations go back to the system, not to malloc's heap
     if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # processes on one machine share its cores; each taking all of them would oversubscribe
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
@@ -295,12 +315,17 @@ def setup_data(run: Run, recipe, model_id: str, data: str) -> Data:
         num_labels = info.num_labels
     if run.cfg.eval_every and eval_set is None:
         run.say("[yellow]note:[/] train.eval_every has no effect: the data has no eval split")
-    return Data(source, task, tokenizer, train_set, eval_set, info.label_names, num_labels)
+    return Data(source, task, tokenizer, train_set, eval_set, info.label_names, num_labels, info.max_length_seen,
+                info.answers)
 
 
 def setup_model(run: Run, recipe, data: Data, device: torch.device):
-    """Trace on ``meta``, graft, load the weights into the graph; outline, move and compile as configured."""
-    from graftr import cpu_matmul, quantize
+    """Trace on ``meta``, graft, load the weights into the graph; outline, move and compile as configured. A PEFT
+    baseline (``graftr compare``) is its HF model wrapped by PEFT instead (:mod:`graftr.baselines`)."""
+    from graftr import baselines, cpu_matmul, quantize
+
+    if isinstance(recipe, baselines.PeftBaseline):
+        return baselines.build(run, recipe, data, device)
     from graftr.grafted import graft
     from graftr.materialize import build_empty, materialize, set_graph_device
     from graftr.outline import outline_layers
@@ -348,14 +373,18 @@ def setup_batches(run: Run, data: Data, gm) -> Batches:
 
     world = run.world
     # lr, schedule, warmup, weight decay the recipe leaves unset: the adapter kinds' published values
-    run.cfg, run.defaults = resolve_defaults(run.cfg, [rule.adapter for rule in gm.recipe.rules],
+    recipe = getattr(gm, "recipe", None)  # None: a PEFT baseline, whose train settings are given in full
+    run.cfg, run.defaults = resolve_defaults(run.cfg, [rule.adapter for rule in recipe.rules] if recipe else [],
                                              run.cfg.micro_batch_size * run.cfg.gradient_accumulation_steps * world)
-    gm.recipe.train = cfg = run.cfg  # the adapter's recipe records the values trained with
-    keep = set(gm.graftr_input_names) | {"labels"}  # tokenizers may add columns the graph does not take
+    cfg = run.cfg
+    if recipe is not None:
+        recipe.train = cfg  # the adapter's recipe records the values trained with
+    # tokenizers may add columns the graph does not take (an HF model takes what its forward names)
+    keep = set(gm.graftr_input_names) | {"labels"} if recipe is not None else None
     collator = Collator(data.tokenizer, image_processor=processor_for(gm))  # images: the encoder's own processor
 
     def collate(examples):
-        return {k: v for k, v in collator(examples).items() if k in keep}
+        return {k: v for k, v in collator(examples).items() if keep is None or k in keep}
 
     sampler = DistributedSampler(data.train_set, num_replicas=world, rank=run.rank, shuffle=True, seed=cfg.seed)
     mbs, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
@@ -572,7 +601,7 @@ class Window:
 
     def __init__(self):
         self.loss, self.steps, self.tokens = 0.0, 0, 0
-        self.timed_tokens, self.timed_seconds, self.last_speed = 0, 0.0, 0.0
+        self.timed_tokens, self.timed_seconds, self.timed_steps, self.last_speed = 0, 0.0, 0, 0.0
 
     def add(self, loss: float, tokens: int, seconds: float, first: bool) -> None:
         self.loss += loss
@@ -582,28 +611,40 @@ class Window:
         if not first:
             self.timed_tokens += tokens
             self.timed_seconds += seconds
+            self.timed_steps += 1
 
     def speed(self) -> float:
         return self.timed_tokens / self.timed_seconds if self.timed_seconds else self.last_speed
+
+    def step_time(self) -> float | None:
+        """Mean seconds per step of the timed steps (None: only the start-up step so far)."""
+        return self.timed_seconds / self.timed_steps if self.timed_steps else None
 
     def record(self, run: Run, engine, progress: Progress, batches: Batches, lr: float) -> dict:
         grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 without clipping statistics
         return {"kind": "train", "step": progress.step, "epoch": progress.step / batches.steps_per_epoch,
                 "loss": self.loss / self.steps, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens": progress.tokens, "tokens_per_s": self.speed(),
+                "tokens": progress.tokens, "tokens_per_s": self.speed(), "step_s": self.step_time(),
                 "elapsed_s": time.perf_counter() - run.started}
 
 
-def run_eval(run: Run, engine, batches: Batches, progress: Progress, task: str, recorder) -> dict:
-    """Evaluate on every rank's eval shard; record the numbers and keep the best. Returns ``{"step", ...}``."""
-    from graftr.evaluate import evaluate
-    from graftr.train.metrics import eval_text
+def run_eval(run: Run, engine, batches: Batches, progress: Progress, data: Data, recorder) -> dict:
+    """Evaluate on every rank's eval shard (and the held-out answers, every rank the whole set); record the numbers
+    and keep the best. Returns ``{"step", ...}``."""
+    from graftr.evaluate import answer_metric, evaluate
+    from graftr.train.metrics import EVAL_KEYS, eval_text
 
-    metrics = evaluate(engine, batches.eval_loader, task=task, distributed=run.world > 1)
-    metrics = {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")}
+    answers = data.answers
+    metrics = {}
+    if answers is None or answers.metric != "choice":  # a choice set gives the split's loss too (answer_metric)
+        metrics = evaluate(engine, batches.eval_loader, task=data.task, distributed=run.world > 1)
+    if answers is not None:
+        metrics.update(answer_metric(engine, answers, batches.collate, data.tokenizer,
+                                     batch_size=batches.micro_batch_size))
+    metrics = {k: v for k, v in metrics.items() if k in EVAL_KEYS}
     best = progress.best
-    better = (best is None or (metrics["accuracy"] > best["accuracy"] if task == "seq_cls"
-                               else metrics["loss"] < best["loss"]))
+    key = held_out_key(metrics)
+    better = best is None or (metrics[key] > best[key] if key else metrics["loss"] < best["loss"])
     if better:
         progress.best = {"step": progress.step, **metrics}
     if recorder is not None:
@@ -612,6 +653,42 @@ def run_eval(run: Run, engine, batches: Batches, progress: Progress, task: str, 
     run.say(f"eval  step {progress.step:>5}  {eval_text(metrics)}")
     progress.last_eval = {"step": progress.step, **metrics}
     return progress.last_eval
+
+
+def held_out_key(metrics: dict) -> str | None:
+    """The metric a better evaluation has more of (a classifier's or a choice set's accuracy, exact match), or None:
+    then the lower loss is better."""
+    return next((k for k in ("accuracy", "exact_match") if k in metrics), None)
+
+
+def samples(engine, data: Data) -> list[str]:
+    """Greedy answers to the first :data:`SAMPLES` held-out prompts (a language model trained on alpaca or chat
+    data; else none), shown before and after training; every rank generates (ZeRO-3 gathers collectively)."""
+    from graftr.evaluate import greedy_answers
+
+    prompts = sample_prompts(data)
+    if not prompts:
+        return []
+    return [" ".join(text.split()) for text in greedy_answers(engine, data.tokenizer, prompts,
+                                                              max_new_tokens=SAMPLE_TOKENS)]
+
+
+SAMPLES, SAMPLE_TOKENS = 4, 32  # held-out prompts answered before and after training, and their new tokens
+
+
+def sample_prompts(data: Data) -> list[list[int]]:
+    """The token ids of the first held-out examples up to their answers (causal LMs with alpaca or chat data)."""
+    if data.task != "causal_lm" or data.eval_set is None:
+        return []
+    if data.answers is not None:
+        return data.answers.prompts[:SAMPLES]
+    prompts = []
+    for i in range(min(SAMPLES, len(data.eval_set))):
+        example = data.eval_set[i]
+        first = next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX), None)
+        if first:
+            prompts.append(example["input_ids"][:first])
+    return prompts
 
 
 def draw_plot(run: Run, recorder) -> None:
@@ -640,9 +717,11 @@ def measured_peaks(run: Run, memory) -> list:
 
 
 def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Batches, counts: tuple[int, int],
-                  console, memory) -> dict:
+                  console, memory, shown: dict | None = None) -> dict:
     """Gather the full fp32 adapter tensors (a collective: all ranks), write the adapter with the run's summary
-    (rank 0) and print it; ``counts`` are the trainable and all parameters. Returns the summary."""
+    (rank 0) and print it; ``counts`` are the trainable and all parameters; ``shown``: the base model's eval and
+    sample answer, and the trained model's, for the before/after rows. Returns the summary."""
+    from graftr import baselines
     from graftr.formats.graftr import save_adapter
     from graftr.train.metrics import eval_text, summary_table
 
@@ -658,12 +737,18 @@ def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Bat
                "total_params": n_total, "world_size": run.world, "adapter": str(run.out / "adapter"),
                "peak_memory": [p.peak for p in peaks], "peak_private_memory": [p.anon for p in peaks],
                "memory_estimate": run.estimate}
+    if shown is not None:
+        summary["before"] = {"eval": shown["eval"], "answers": shown["samples"], "answers_after": shown["after"]}
     if run.main:
         # the run's own adapter/ (check_out made sure it is one): a resumed run replaces it
-        save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary}, force=True)
+        if isinstance(recipe, baselines.PeftBaseline):
+            baselines.save(gm, run.out / "adapter", tensors, {"training": summary})
+        else:
+            save_adapter(gm, run.out / "adapter", tensors=tensors, extra={"training": summary}, force=True)
         rows = [("steps", f"{step} ({summary['epochs']:.2f} epochs)"),
                 ("final eval", eval_text(last_eval) if last_eval else "no eval split"),
                 ("best eval", f"{eval_text(best)} (step {best['step']})" if best else "-"),
+                *before_after(shown, last_eval),
                 ("time", f"{progress.train_seconds:.1f} s training, {elapsed:.1f} s total"),
                 ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
                 ("trainable params", f"{n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)"),
@@ -672,12 +757,30 @@ def write_adapter(run: Run, recipe, gm, engine, progress: Progress, batches: Bat
     return summary
 
 
+def before_after(shown: dict | None, last_eval: dict | None) -> list[tuple[str, str]]:
+    """Summary rows comparing the base model with the trained one: the held-out metric (or the loss), and the
+    answers to one held-out prompt (the first whose answer training changed, else the first)."""
+    if shown is None or last_eval is None:
+        return []
+    first = shown["eval"]
+    key = held_out_key(last_eval) or "loss"
+    rows = [(f"held-out {key.replace('_', ' ')}", f"{first[key]:.4f} before → {last_eval[key]:.4f} after")]
+    if shown["samples"]:
+        pairs = list(zip(shown["samples"], shown["after"], shown["references"] or [None] * len(shown["samples"])))
+        before, after, reference = next((p for p in pairs if p[0] != p[1]), pairs[0])
+        rows += [("answer before", repr(before)), ("answer after", repr(after))]
+        if reference is not None:
+            rows.append(("reference answer", repr(reference)))
+    return rows
+
+
 # ---- the whole run ---------------------------------------------------------------------------------------------
 def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: bool, console) -> dict:
     """Train ``recipe``'s adapters on ``model_id`` with ``data``; write ``out/``. Returns the summary."""
     rank, world, local_rank = init_distributed()  # first: it picks DeepSpeed's accelerator before the import
     import torch.distributed as dist
 
+    from graftr import baselines
     from graftr.train import checkpoint
     from graftr.train.memory import PeakMemory
     from graftr.train.metrics import Recorder, progress_bar
@@ -686,14 +789,16 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     run = Run(recipe.train, Path(out), rank, world, say, title=f"{recipe.name} on {model_id}")
     cfg = run.cfg
     device = setup_device(cfg, local_rank)
-    estimate_memory(run, recipe, model_id)  # on meta, before the measurement starts
     if not model_id:
         raise GraftrError("no model given: pass --model (a model directory with weights) or set the recipe's model")
     start_from = starting_point(run, resume)
     data = setup_data(run, recipe, model_id, data)
+    estimate_memory(run, recipe, data)  # on meta, before the measurement starts
+    setup_memory(run, device)  # return freed memory to the system where the estimate says memory is tight
     memory = PeakMemory(device)  # after the data (and the libraries it imports), before any weight is read
     gm = setup_model(run, recipe, data, device)
-    counts = gm.trainable_counts()  # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
+    # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
+    counts = gm.trainable_counts() if hasattr(gm, "trainable_counts") else baselines.trainable_counts(gm)
     batches = setup_batches(run, data, gm)
     cfg = run.cfg  # with the adapter kinds' defaults filled in
     resumed = fingerprint(run, data, batches, gm)
@@ -709,8 +814,12 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         f"examples ({batches.steps_per_epoch} steps per epoch), lr {cfg.lr:g} {cfg.lr_schedule}, "
         f"warmup {batches.warmup_steps}" + (f" ({run.defaults})" if run.defaults else ""))
 
+    before = None  # the base model's held-out numbers and sample answer, shown again beside the trained ones
     if batches.eval_loader is not None and progress.step == 0:
-        run_eval(run, engine, batches, progress, data.task, recorder)  # the curve starts from the base model
+        before = {"eval": run_eval(run, engine, batches, progress, data, recorder),  # the curve starts at the base
+                  "samples": samples(engine, data)}
+        if before["samples"]:
+            say(f"answer before training: {before['samples'][0]!r}")
     flat_noted = False
     window, timed = Window(), Window()  # since the last log line; over the run (the bar's speed)
     first = True  # this process's first step: start-up, left out of the speed
@@ -753,7 +862,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
                         f"{record['tokens_per_s']:,.0f} tok/s")
                     window = Window()
                 if batches.eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                    run_eval(run, engine, batches, progress, data.task, recorder)
+                    run_eval(run, engine, batches, progress, data, recorder)
                 if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                     path = checkpoint.save(engine, run.checkpoints, step, {
                         "fingerprint": resumed, "schedule": schedule, "tokens": progress.tokens,
@@ -763,7 +872,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
             bar.stop()
         if batches.eval_loader is not None and (progress.last_eval is None
                                                  or progress.last_eval["step"] != progress.step):
-            run_eval(run, engine, batches, progress, data.task, recorder)  # the final evaluation
+            run_eval(run, engine, batches, progress, data, recorder)  # the final evaluation
         elif recorder is not None:
             draw_plot(run, recorder)
     finally:
@@ -772,6 +881,10 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
         if recorder is not None:
             recorder.close()
 
-    summary = write_adapter(run, recipe, gm, engine, progress, batches, counts, console, memory)
+    shown = None
+    if before is not None:
+        shown = {**before, "after": samples(engine, data),
+                 "references": data.answers.references[:SAMPLES] if data.answers is not None else None}
+    summary = write_adapter(run, recipe, gm, engine, progress, batches, counts, console, memory, shown)
     dist.barrier()  # no rank leaves before the adapter is written
     return summary

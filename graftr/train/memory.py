@@ -27,6 +27,13 @@ def _status() -> dict[str, int]:
     return fields
 
 
+# "auto" returns freed memory when graftr's estimate of this machine's training processes exceeds this share of the
+# memory available at the start: there the retained heap can decide whether the run fits; below it the run fits
+# either way and keeps the faster steps
+TIGHT = 0.5
+MMAP_THRESHOLD = 128 * 1024  # glibc's default mmap threshold, made fixed
+
+
 def return_freed_memory() -> bool:
     """Keep glibc's malloc from holding on to freed activations (CPU training; returns whether it applied).
 
@@ -34,8 +41,12 @@ def return_freed_memory() -> bool:
     freed, but after such a free it raises the threshold to that size (up to 32 MiB), so later activations of that
     size come from the heap, which keeps freed memory resident. Over a training step that retention reached 0.25 GiB
     of a 0.85 GiB peak on a 57 M-parameter Llama (tests/test_scale.py): ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` fixes
-    the threshold at its default and turns the adjustment off. The cost is a page fault per page of each new large
-    tensor (not measurable in the step time there, docs/benchmarks.md).
+    the threshold at its default and turns the adjustment off.
+
+    The cost is a page fault (and the kernel zeroing the page) per 4 KiB of every new tensor above 128 KiB, on
+    every step: measured on SmolLM2-135M (IA³, batch 8 × ~70 tokens, 2 cores), 3.1 s a step instead of 1.9 s for
+    0.27 GiB less peak (docs/benchmarks.md). So ``graftr train`` applies it only where memory is tight
+    (:func:`decide`).
     """
     import ctypes
     import ctypes.util
@@ -48,7 +59,37 @@ def return_freed_memory() -> bool:
         return False
     if mallopt is None:
         return False
-    return bool(mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+    return bool(mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+
+
+def available() -> int | None:
+    """Bytes of memory the system can give without swapping (``MemAvailable``), or None where not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def decide(setting: str, estimate: int | None, local_processes: int, free: int | None) -> tuple[bool, str | None]:
+    """Whether this CPU process returns freed memory to the system (``train.return_freed_memory``), and the note
+    that says why when it does.
+
+    ``auto``: when the estimated peak of this machine's training processes (``estimate`` per process ×
+    ``local_processes``) exceeds :data:`TIGHT` of the memory ``free`` at the start; without an estimate or a
+    reading of the free memory, not."""
+    if setting == "always":
+        return True, "train.return_freed_memory: always (freed activations go back to the system; slower steps)"
+    if setting == "never" or estimate is None or not free:
+        return False, None
+    need = estimate * local_processes
+    if need <= TIGHT * free:
+        return False, None
+    return True, (f"memory is tight ({gib(need)} estimated for {local_processes} process(es), {gib(free)} available):"
+                  " freed activations go back to the system at some cost in step time (train.return_freed_memory: "
+                  "never turns this off)")
 
 
 def _reset_high_water_mark() -> None:

@@ -4,7 +4,8 @@ TensorBoard event files when ``tensorboard`` is installed, and the final summary
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "epoch", "loss", "lr",
 "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}`` every ``log_every`` steps (the loss is the mean over those
 steps, processes and micro-batches) and ``{"kind": "eval", "step", "loss", "accuracy" | "perplexity"}`` after each
-evaluation. A resumed run first drops the records after its checkpoint's step, so the file reads like one run.
+evaluation (a language model's eval adds its held-out answer metric, ``accuracy`` or ``exact_match``, when the data
+has one: ``train.data.eval_metric``). A resumed run first drops the records after its checkpoint's step, so the file reads like one run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from rich.table import Table
 from graftr.errors import GraftrError
 
 METRICS = "metrics.jsonl"
+# what an evaluation records: the loss; a classifier's accuracy or an LM's perplexity; a held-out answer metric
+EVAL_KEYS = ("loss", "accuracy", "perplexity", "exact_match")
 
 
 class Recorder:
@@ -113,8 +116,8 @@ def progress_bar(console: Console) -> Progress:
 
 
 def eval_text(metrics: dict[str, float]) -> str:
-    """``loss 0.4127 accuracy 0.8300`` or ``loss 2.1034 perplexity 8.19``."""
-    keys = [k for k in ("loss", "accuracy", "perplexity") if k in metrics]
+    """``loss 0.4127 accuracy 0.8300``, ``loss 2.1034 perplexity 8.19`` or ``... exact_match 0.7400``."""
+    keys = [k for k in EVAL_KEYS if k in metrics]
     return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
