@@ -32,28 +32,38 @@ class AdapterLoadError(GraftrError):
     """A saved adapter does not fit the model (missing, extra or mis-shaped tensors, different base)."""
 
 
+# what torch.save's zip writer raises when a write fails: "[enforce fail at inline_container.cc:672] . unexpected pos
+# 704 vs 598" (a full disk: the stream stopped short), or "PytorchStreamWriter failed writing file ..."
+_TORCH_WRITER = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
 def write_failure(error: BaseException, path: str) -> str | None:
     """The one-line reason a write of ``path`` failed (a full disk, a read-only or missing directory), or None when
     ``error`` is not a write failure (a bug, which keeps its traceback).
 
     Writers report the same errno differently: Python raises ``OSError``; safetensors a ``SafetensorError`` with
     "No space left on device (os error 28)"; torch.save a ``RuntimeError`` "[enforce fail at inline_container.cc]
-    ... PytorchStreamWriter failed writing file ...", which says nothing of the cause, so the free space decides."""
-    import shutil
-
+    ... unexpected pos ..." (:data:`_TORCH_WRITER`), which says nothing of the cause, so the free space decides."""
     if isinstance(error, OSError):
         return f"cannot write {error.filename or path}: {error.strerror or error}"
     text = str(error)
     if "os error" in text or "No space left" in text:
         return f"cannot write {path}: {text.strip().splitlines()[0]}"
-    if isinstance(error, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text):
-        folder = os.path.dirname(os.path.abspath(path))
-        while folder and not os.path.isdir(folder):
-            folder = os.path.dirname(folder)
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
-            free = None
+    if isinstance(error, RuntimeError) and any(sign in text for sign in _TORCH_WRITER):
+        free = free_space(path)
         cause = "no space left on device" if free is not None and free < 1 << 20 else "the write failed"
         return f"cannot write {path}: {cause}"
     return None
+
+
+def free_space(path: str | os.PathLike) -> int | None:
+    """Bytes free on the filesystem of ``path`` (or of its nearest existing parent); None if that cannot be read."""
+    import shutil
+
+    folder = os.path.abspath(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None

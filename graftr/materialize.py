@@ -55,7 +55,7 @@ from transformers.core_model_loading import (
 from graftr import quantize
 from graftr.errors import GraftrError
 from graftr.tensorfile import open_safetensors
-from graftr.models import build_model
+from graftr.models import build_model, refuse_pickled_weights
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -125,6 +125,7 @@ def _stored_keys(directory: Path) -> dict[str, Path]:
         with open_safetensors(directory / SINGLE, error=GraftrError) as f:
             stored = {key: directory / SINGLE for key in f.keys()}
     else:
+        refuse_pickled_weights(directory)
         raise GraftrError(f"{directory} has no {SINGLE} or {INDEX} (graftr loads safetensors checkpoints only)")
     return stored
 

@@ -82,8 +82,9 @@ PACKAGED_MODELS = {
     "smollm2": _SMOLLM2,
 }
 
-# Files from_pretrained can take weights from.
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# The weights graftr reads: safetensors only. A pickle (transformers' pytorch_model*.bin) can run code when loaded.
+_WEIGHT_PATTERNS = ("*.safetensors",)
+_PICKLED_WEIGHTS = "pytorch_model*.bin"
 
 
 @dataclass
@@ -307,9 +308,21 @@ def _has_weights(directory: Path) -> bool:
     return any(any(directory.glob(pattern)) for pattern in _WEIGHT_PATTERNS)
 
 
+def refuse_pickled_weights(directory: Path) -> None:
+    """Refuse a model directory whose weights are only pickles (``pytorch_model.bin``): graftr never unpickles
+    model weights (a pickle can run code, docs/safety.md), for training and inference alike."""
+    pickles = sorted(p.name for p in directory.glob(_PICKLED_WEIGHTS))
+    if pickles and not _has_weights(directory):
+        raise GraftrError(f"{directory} holds {pickles[0]} (a pickle) and no *.safetensors; graftr reads model "
+                          "weights only from safetensors: convert it, e.g. with transformers' from_pretrained and "
+                          "save_pretrained (which writes safetensors)")
+
+
 def load_model(source: ModelSource, task: str | None = None, *, dtype: torch.dtype | None = None,
                num_labels: int | None = None) -> nn.Module:
-    """Load the real weights of ``source`` (fp32 unless ``dtype``) from its local directory."""
+    """Load the real weights of ``source`` (fp32 unless ``dtype``) from its local directory, from safetensors only."""
+    if source.directory is not None:
+        refuse_pickled_weights(source.directory)
     if source.directory is None or not _has_weights(source.directory):
         raise GraftrError(f"only a config is available for {source.model_id}; pass a directory with weights")
     task = task or infer_task(source.config)
@@ -318,7 +331,7 @@ def load_model(source: ModelSource, task: str | None = None, *, dtype: torch.dty
     try:
         return AUTO_CLASSES[task].from_pretrained(
             str(source.directory), config=config, local_files_only=True, dtype=dtype or torch.float32,
-            attn_implementation=_attn_implementation(model_class))
+            attn_implementation=_attn_implementation(model_class), use_safetensors=True)
     except (OSError, ValueError, SafetensorError) as e:
         raise GraftrError(
             f"cannot load the weights of {source.model_id} from {source.directory}: {_first_line(e)}") from e

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from graftr.errors import GraftrError
+from graftr.errors import GraftrError, write_failure
 
 PLOT = "loss.png"
 METRICS = "metrics.jsonl"  # graftr.train.metrics.METRICS (not imported: that module loads rich and torch lazily)
@@ -94,12 +94,18 @@ def draw(runs: list[tuple[str, Path]], out: Path, title: str | None = None) -> P
 
 
 def save_png(figure, out: Path) -> Path:
-    """Write a matplotlib figure to ``out`` as PNG through a temporary sibling renamed over it (never half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write a matplotlib figure to ``out`` as PNG through a temporary sibling renamed over it (never half a file);
+    a failed write (a full disk) is one :class:`GraftrError` and leaves ``out`` as it was."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(tmp, format="png", dpi=110)
         os.replace(tmp, out)
+    except Exception as e:
+        reason = write_failure(e, str(out))
+        if reason is None:
+            raise
+        raise GraftrError(f"{reason}; {out} is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out

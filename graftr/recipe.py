@@ -16,8 +16,10 @@ current registry. :func:`parse_recipe` reports every problem at once, each with 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import gc
 import re
 import types
 from pathlib import Path
@@ -244,6 +246,21 @@ def _source_dir(source: str) -> list[str]:
     return [str(folder.resolve())] if Path(source).is_file() else []
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off (as it was after). A recipe becomes millions of objects (YAML nodes
+    with their marks, the data, the validated models) that hold no reference cycle; the collector would scan them
+    again and again as they are made: a 10 MB recipe took 3 times as long to validate."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_collector_paused()
 def parse_recipe(text: str, source: str = "<string>", overrides: list[str] | tuple[str, ...] = (), *,
                  local_imports: bool = True) -> Recipe:
     """Validate a recipe's YAML text, after applying ``overrides`` to its mapping and importing its ``imports:``.
@@ -345,36 +362,52 @@ def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         raise RecipeError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
 
 
-def _nodes(root: yaml.Node):
-    """Every node of the tree once (aliases share nodes), without recursion (nesting depth is the input's)."""
-    seen, stack = set(), [root]
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _walk(root: yaml.Node) -> tuple[int, bool]:
+    """How many nodes the tree has (each once: aliases share nodes) and whether one is reached twice (an alias
+    refers to it); without recursion (the nesting depth is the input's)."""
+    seen, stack, shared = set(), [root], False
     while stack:
         node = stack.pop()
         if id(node) in seen:
+            shared = True
             continue
         seen.add(id(node))
-        yield node
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                stack += [key, value]
+        stack += _children(node)
+    return len(seen), shared
 
 
 def _check_expansion(root: yaml.Node, source: str) -> None:
-    """Refuse a document whose aliases multiply it (each node counted as often as it is reachable)."""
-    nodes = list(_nodes(root))
-    size: dict[int, int] = {}
-    for node in reversed(nodes):  # children are listed after their parents, except a cycle's closing alias
-        children = (node.value if isinstance(node, yaml.SequenceNode) else
-                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
-        if any(id(child) not in size for child in children):
+    """Refuse a document whose aliases multiply it (each node counted as often as it is reachable), or with an
+    alias inside the collection it refers to."""
+    count, shared = _walk(root)
+    if not shared:  # no alias: the document is its nodes
+        return
+    size: dict[int, int] = {}  # id → the values a node expands to
+    path: set[int] = set()  # the nodes whose children are being sized, from the root down
+    stack = [(root, False)]
+    while stack:  # depth first; a node is sized once its children are
+        node, children_sized = stack.pop()
+        if children_sized:
+            path.discard(id(node))
+            size[id(node)] = min(1 + sum(size[id(child)] for child in _children(node)), 2**62)
+        elif id(node) in path:
             raise RecipeError(f"{source}:{node.start_mark.line + 1}: invalid YAML: an alias refers to a "
                               "collection that contains it")
-        size[id(node)] = min(1 + sum(size[id(child)] for child in children), 2**62)
+        elif id(node) not in size:
+            path.add(id(node))
+            stack.append((node, True))
+            stack += [(child, False) for child in _children(node)]
     total = size[id(root)]
-    if total > MAX_EXPANDED_VALUES and total > ALIAS_FACTOR * len(nodes):
-        raise RecipeError(f"{source}: invalid YAML: its aliases expand {len(nodes):,} values to {total:,}; aliases "
+    if total > MAX_EXPANDED_VALUES and total > ALIAS_FACTOR * count:
+        raise RecipeError(f"{source}: invalid YAML: its aliases expand {count:,} values to {total:,}; aliases "
                           "may repeat parts of a recipe, not multiply it")
 
 

@@ -1,9 +1,11 @@
 """The hostile-input and fault campaign of issue 19, one test (or a few) per class of failure.
 
-1. no code runs from a run directory (planted pickles in checkpoints, imports from an adapter directory);
+1. no code runs from a run directory (planted pickles in checkpoints, imports from an adapter directory) or from a
+   model directory (a pickled ``pytorch_model.bin`` is refused by every command);
 2. nothing is written outside the chosen output directory (recipe names are plain names);
 3. no silent wait: DeepSpeed's CPU shared-memory op is never built, so a stale build lock cannot block a start;
-4. no user file is replaced (``--out`` of merge/export/apply needs ``--force``; train checks ``--out`` first);
+4. no user file is replaced (``--out`` of merge/export/apply needs ``--force``; train checks ``--out`` first), and a
+   run refused on bad input leaves no ``--out`` behind;
 5. every crash is resumable (damaged newest checkpoint, torn metrics line, kills at every moment of a checkpoint
    save, a full disk) to the adapter an uninterrupted run writes, bit for bit;
 6. malformed files and configs are one ``error:`` line (safetensors headers, manifest.json, model configs, rank
@@ -222,6 +224,31 @@ def test_an_adapter_directory_never_imports_code_beside_it(reference, tmp_path, 
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "peft").exists()
 
 
+def test_a_pickled_model_is_refused_by_every_command_and_never_unpickled(root, tmp_path, capsys):
+    """A model directory whose weights are only a pickle (``pytorch_model.bin``, here one that runs code when
+    unpickled): every command reading weights refuses it in one line, before unpickling anything; train leaves no
+    --out. ``export`` reads only the base's structure (config.json) and never opens it."""
+    model, marker, work = tmp_path / "pickled", tmp_path / "pwned", tmp_path / "work"
+    shutil.copytree(root / "llama", model)
+    (model / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload(marker)}, model / "pytorch_model.bin")
+    work.mkdir()
+    recipe, adapter, data = write_recipe(work / "ia3.yaml", [IA3], TRAIN), str(work / "adapter"), \
+        str(root / "text.jsonl")
+    assert cli.main(["apply", recipe, "--model", str(root / "llama"), "--out", adapter]) == 0
+    expected = (f"error: {model} holds pytorch_model.bin (a pickle) and no *.safetensors; graftr reads model weights "
+                "only from safetensors: convert it, e.g. with transformers' from_pretrained and save_pretrained "
+                "(which writes safetensors)")
+    for argv in (["generate", "--adapter", adapter, "--model", str(model), "--prompt", "hi", "--max-new-tokens", "1"],
+                 ["merge", adapter, "--model", str(model), "--out", str(work / "merged")],
+                 ["eval", "--adapter", adapter, "--model", str(model), "--data", data, "--split", "train"],
+                 ["train", recipe, "--model", str(model), "--data", data, "--out", str(work / "run")]):
+        assert cli_error(capsys, argv) == expected, argv
+    assert cli.main(["export", adapter, "--model", str(model), "--out", str(work / "peft")]) == 0
+    assert not marker.exists()
+    assert sorted(p.name for p in work.iterdir()) == ["adapter", "ia3.yaml", "peft"]
+
+
 DAMAGED_ADAPTERS = {
     "truncated tensors": ("adapter.safetensors", lambda b: b[: len(b) // 2], "is not a readable safetensors file"),
     "header length past the end": ("adapter.safetensors", lambda b: (2**40).to_bytes(8, "little") + b[8:],
@@ -277,6 +304,67 @@ def test_a_failed_write_while_saving_is_one_line_and_resumes(reference, tmp_path
     same_run(reference[0], out)
 
 
+# what torch.save raises on a full disk (measured on a 1 MB tmpfs): the zip writer's stream stopped short
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+def test_a_full_disk_on_resume_is_one_line_with_the_space_and_resumes(reference, tmp_path, capsys, monkeypatch):
+    """A --resume whose first checkpoint save meets a full disk (torch.save's own error, which says only "unexpected
+    pos"): one line naming the directory, what a checkpoint takes and what is free; the earlier checkpoints are
+    byte for byte as they were, and once there is space --resume completes to the uninterrupted adapter."""
+    from graftr import errors
+    from graftr.quantize import human_bytes
+    from graftr.train import checkpoint as checkpoint_module
+
+    out = interrupted(reference, tmp_path / "run", (1, 2))
+    ckpt = out / "checkpoints"
+    def saved() -> dict:
+        return {p: p.read_bytes() for p in ckpt.glob("step-*/**/*") if p.is_file()}
+
+    before = saved()
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step-3" in str(f):
+            raise RuntimeError(TORCH_FULL_DISK)
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    for module in (errors, checkpoint_module):
+        monkeypatch.setattr(module, "free_space", lambda path: 12 * 1024)
+    error = cli_error(capsys, ["train", *reference[1], "--out", str(out), "--resume"])
+    size = sum(p.stat().st_size for p in (ckpt / "step-2").rglob("*") if p.is_file())
+    assert error.startswith(f"error: could not save the checkpoint of step 3: cannot write {ckpt / 'step-3.tmp'}/")
+    assert error.endswith(f": no space left on device (a checkpoint takes {human_bytes(size)}, 12.00 KiB free in "
+                          f"{ckpt}); training stopped and {ckpt / 'step-3.tmp'} was removed, the checkpoints step-1, "
+                          "step-2 are intact: free space and --resume"), error
+    assert saved() == before and sorted(p.name for p in ckpt.glob("step-*")) == ["step-1", "step-2"]
+    monkeypatch.undo()
+    text = train_here(capsys, *reference[1], "--out", str(out), "--resume")
+    assert "step-2 at step 2/4" in text
+    same_run(reference[0], out)
+
+
+def test_a_plot_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
+    """loss.png on a full disk: one error, the previous picture unchanged, no temporary file left."""
+    from matplotlib.figure import Figure
+
+    from graftr.plot import save_png
+
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"the previous plot")
+
+    def full_disk(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(GraftrError) as e:
+        save_png(Figure(), out)
+    assert str(e.value) == f"cannot write {out}: No space left on device; {out} is unchanged"
+    assert out.read_bytes() == b"the previous plot" and sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
 DISK_FULL = r"""
 set -u
 mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 99
@@ -313,8 +401,8 @@ def test_a_full_disk_is_one_line_and_resumes(reference, tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
     log = (host / "full.log").read_text().strip().splitlines()
     assert (host / "full.rc").read_text().strip() == "2", log[-5:]
-    assert log[-1].startswith("error: could not save the checkpoint of step ") and "No space left on device" in \
-        log[-1] and not any("Traceback" in line for line in log), log[-5:]
+    assert log[-1].startswith("error: could not save the checkpoint of step ") and "no space left on device" in \
+        log[-1].lower() and not any("Traceback" in line for line in log), log[-5:]
     assert ".tmp" not in (host / "full.ls").read_text()
     assert (host / "resumed.rc").read_text().strip() == "0", (host / "resumed.log").read_text()[-2000:]
     x = load_file(str(reference[0] / "adapter" / "adapter.safetensors"))
@@ -425,6 +513,71 @@ def test_train_refuses_an_unusable_out_before_any_work(reference, tmp_path, caps
                                 "empty or new directory",
                      "earlier": f"error: --out {out} holds an earlier run (adapter, metrics.jsonl); pass --resume to "
                                 "continue it or choose another --out"}[case]
+
+
+def data_file(text: str):
+    def make(tmp: Path) -> str:
+        (tmp / "data.jsonl").write_text(text)
+        return str(tmp / "data.jsonl")
+    return make
+
+
+def damaged_model(*names: str, truncated: bool = False):
+    """A copy of the tiny Llama directory without the files ``names`` (or with them cut in half)."""
+    def make(tmp: Path, root: Path) -> str:
+        shutil.copytree(root / "llama", tmp / "model")
+        for name in names:
+            file = tmp / "model" / name
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2]) if truncated else file.unlink()
+        return str(tmp / "model")
+    return make
+
+
+# bad input → the model (None: the tiny Llama), the data (None: 8 texts), overrides, and words of the error
+BAD_INPUTS = {
+    "no model directory": (lambda tmp, root: str(tmp / "nowhere"), None, [], "does not exist"),
+    "damaged safetensors": (damaged_model("model.safetensors", truncated=True), None, [],
+                            "is not a readable safetensors file"),
+    "no tokenizer": (damaged_model("tokenizer.json", "tokenizer_config.json"), None, [], "cannot load a tokenizer"),
+    "no data file": (None, lambda tmp: str(tmp / "missing.jsonl"), [], "data file not found"),
+    "empty data file": (None, data_file(""), [], "holds no example"),
+    "broken JSON": (None, data_file('{"text": "a b"}\n{"text": "torn\n'), [], ":2: invalid JSON"),
+    "bad labels": (None, data_file('{"text": "a b", "label": 1.5}\n{"text": "c d", "label": 0}\n'),
+                   ["task=seq_cls", "train.data.format=classification"], "label 1.5 (float) is not an integer"),
+    "too few examples": (None, data_file('{"text": "a b"}\n{"text": "c d"}\n'), [],
+                         "fewer than one optimizer step needs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_a_run_refused_on_bad_input_leaves_no_out(root, tmp_path, capsys, case):
+    """Bad model, tokenizer, data or recipe, found after --out was checked: one error, and the directories the run
+    made for --out (here two levels) are gone again."""
+    model, data, overrides, message = BAD_INPUTS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    path = write_recipe(work / "r.yaml", [IA3], TRAIN)
+    model = model(work, root) if model else str(root / "llama")
+    data = data(work) if data else str(root / "text.jsonl")
+    out = tmp_path / "runs" / "r"
+    error = cli_error(capsys, ["train", path, "--model", model, "--data", data, "--out", str(out), *overrides])
+    assert message in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_a_refused_run_leaves_a_directory_that_was_there_as_it_was(reference, root, tmp_path, capsys):
+    """An empty directory of yours, and a run directory continued with --resume: kept, with what they held."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    missing = str(tmp_path / "missing.jsonl")
+    error = cli_error(capsys, ["train", reference[1][0], "--model", str(root / "llama"), "--data", missing,
+                               "--out", str(mine)])
+    assert error == f"error: data file not found: {missing}" and mine.is_dir() and not list(mine.iterdir())
+    out = interrupted(reference, tmp_path / "run", (1, 2))
+    before = files_under(out)
+    error = cli_error(capsys, ["train", reference[1][0], "--model", str(root / "llama"), "--data", missing,
+                               "--out", str(out), "--resume"])
+    assert error == f"error: data file not found: {missing}" and files_under(out) == before
 
 
 # ---- 2. nothing escapes the output directory -------------------------------------------------------------------

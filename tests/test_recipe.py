@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import textwrap
 from types import SimpleNamespace
 from typing import Literal
 
 import pytest
+import yaml
 from pydantic import ValidationError
 from torch import nn
 
+from graftr import recipe as recipe_module
 from graftr import registry
 from graftr.errors import GraftrError, MatchError, RecipeError
 from graftr.recipe import Match, Recipe, Rule, dump_recipe, load_recipe, parse_recipe, recipe_json_schema, recipe_model
@@ -442,3 +445,52 @@ def test_json_schema_lists_the_kinds():
     assert {"test_scale", "test_prompt"} <= set(adapter["discriminator"]["mapping"])
     assert set(schema["required"]) == {"name", "rules"}
     assert schema["additionalProperties"] is False
+
+
+# recipes with problems of every kind (values, keys given twice, YAML syntax, aliases) and valid ones
+LOADER_TEXTS = [
+    VALID,
+    "name: x\nrules:\n  - name: a\n    match: {op: linear}\n    adapter: {kind: test_scale}\n"
+    "  - name: a\n    match: {op: linear}\n    adapter: {kind: test_scale}\n    adapter: {kind: test_scale}\n",
+    "name: x\nrule: []\nnum_labels: many\n",
+    "name: x\nnum_labels: yes\nrules:\n  - name: a\n    match: {path: x, layers: {indices: [1, on]}}\n"
+    "    adapter: {kind: ina, inhibition: true, rank: 4}\ntrain: {lr: 1.0e-4, max_steps: on}\n",
+    "name: x\nrules:\n  - name: a\n    match: &b {op: linear}\n    adapter: {kind: test_scale}\n"
+    "  - name: b\n    match: *b\n    adapter: {kind: test_scale, rank: two}\n",
+    "name: x\nrules: [\n", "name: x\n---\nname: y\n", "name: x\n  bad: indent\n", "name: 'x\n",
+    "name: x\nrules:\n  - {a: 1\n  - b\n", "name: x\n\tfoo: 1\n", "a: &x [*x]\n", "a: *nope\n",
+    "a: !!python/object:os.system x\n", "- name: x\n",
+]
+
+
+def loaded(text: str):
+    """The recipe and the file:line of each rule, or the error (a YAML syntax error: its file:line only, as each
+    parser words its own)."""
+    try:
+        recipe = parse(text)
+    except RecipeError as e:
+        message = str(e)
+        return message.split(": invalid YAML: ")[0] + ": invalid YAML" if ": invalid YAML: " in message else message
+    return recipe, [rule._origin for rule in recipe.rules]
+
+
+@pytest.mark.skipif(not hasattr(yaml, "CSafeLoader"), reason="PyYAML is built without libyaml")
+def test_the_c_loader_reports_what_the_python_loader_reports(monkeypatch):
+    """Recipes are read with libyaml (PyYAML's C loader, whose composer gives the nodes their lines) when PyYAML has
+    it, else with the pure-Python loader: the same recipes, the same problems on the same lines (an anchor a later
+    rule uses again is no cycle). The cyclic garbage collector is paused while a recipe is read (millions of objects
+    for 10 MB) and back as it was afterwards."""
+    assert recipe_module.YAML_LOADER is yaml.CSafeLoader
+    assert gc.isenabled()
+    by_c = [loaded(text) for text in LOADER_TEXTS]
+    assert gc.isenabled()
+    assert by_c[4] == "r.yaml:8: rules[1].adapter.rank: Input should be a valid integer, unable to parse string as " \
+                      "an integer, got 'two'"
+    monkeypatch.setattr(recipe_module, "YAML_LOADER", yaml.SafeLoader)
+    assert [loaded(text) for text in LOADER_TEXTS] == by_c
+    gc.disable()
+    try:
+        loaded(VALID)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -420,9 +420,9 @@ def test_checkpoint_save_is_atomic(tmp_path):
                                                                    "rng_rank0.safetensors"]
 
     # a save that fails half-way (a full disk) is one error; its step-3.tmp is removed, the others are intact
-    with pytest.raises(GraftrError, match="could not save the checkpoint of step 3: cannot write .*model_states.pt: "
-                                          "No space left on device; training stopped .* the checkpoints step-1, "
-                                          "step-2 are intact"):
+    with pytest.raises(GraftrError, match=r"could not save the checkpoint of step 3: cannot write .*model_states.pt: "
+                                          r"No space left on device \(a checkpoint takes .* free in .*checkpoints\); "
+                                          "training stopped .* the checkpoints step-1, step-2 are intact"):
         checkpoint.save(FakeEngine(fail=True), ckpt, 3, {}, keep=2)
     assert not (ckpt / "step-3.tmp").exists() and checkpoint.latest(ckpt) == ckpt / "step-2"
     (ckpt / "step-3.tmp").mkdir()  # what a kill during the save leaves

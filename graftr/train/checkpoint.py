@@ -29,6 +29,7 @@ Write failures
     a full disk (or any write error) during a save is reported by every rank as one :class:`GraftrError` after the
     save: DeepSpeed's writes go through that engine, which records the failure instead of
     raising between DeepSpeed's collectives; the ``step-N.tmp`` is removed and the earlier checkpoints are intact.
+    On a full disk the error says what a checkpoint takes and what is free (:func:`space`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graftr.errors import GraftrError, write_failure
+from graftr.errors import GraftrError, free_space, write_failure
 from graftr.formats.files import write_text_atomically
 
 LATEST = "latest"
@@ -350,11 +351,27 @@ def save(engine, directory: Path, step: int, meta: dict, *, keep: int) -> Path:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        done = [p.name for p in complete(directory)]
+        done = complete(directory)
+        if "no space left" in failure.lower():
+            failure += f" ({space(directory, done)})"
         raise GraftrError(f"could not save the checkpoint of step {step}: {failure}; training stopped and "
-                          f"{tmp} was removed" + (f", the checkpoints {', '.join(done)} are intact: free space and "
-                                                  "--resume" if done else ""))
+                          f"{tmp} was removed" + (f", the checkpoints {', '.join(p.name for p in done)} are intact: "
+                                                  "free space and --resume" if done else ""))
     return final
+
+
+def space(directory: Path, done: list[Path]) -> str:
+    """What a save needs and what it has: the size of the newest checkpoint in ``done`` (every save of a run writes
+    as much) and the space free in ``directory`` (once the failed save's files are removed)."""
+    from graftr.quantize import human_bytes
+
+    free = free_space(directory)
+    have = f"{human_bytes(free)} free in {directory}" if free is not None else \
+        f"the free space of {directory} is unknown"
+    if not done:
+        return have
+    needed = sum(p.stat().st_size for p in done[-1].rglob("*") if p.is_file())
+    return f"a checkpoint takes {human_bytes(needed)}, {have}"
 
 
 def read_meta(path: Path) -> dict:

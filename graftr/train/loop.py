@@ -5,7 +5,8 @@
 1. :func:`~graftr.train.distributed.init_distributed` and :func:`setup_device` — the process group, this rank's
    device, the precision it supports;
 2. :func:`starting_point` — an ``--out`` that can take the run (:func:`check_out`); a fresh run or the newest
-   checkpoint that verifies (``--resume``);
+   checkpoint that verifies (``--resume``); a run refused in steps 3-7 removes an ``--out`` it made and never wrote
+   into (:func:`remove_unused_out`);
 3. :func:`setup_data` — resolve the model, load its tokenizer, tokenize the train and eval splits;
 4. :func:`setup_model` — build on ``meta``, trace and graft (adapters exist before DeepSpeed sees the model), load
    the real weights into the graph, outline the layers (ZeRO-3), compile (optional);
@@ -88,6 +89,7 @@ class Run:
     defaults: str | None = None  # which train: settings came from the adapter kinds' papers (the start line says)
     estimate: int | None = None  # graftr estimate's bytes per rank (rank 0; None: not available for this model)
     title: str = ""  # of the run's plot: "<recipe> on <model>"
+    created: list[Path] = field(default_factory=list)  # the directories check_out made for --out (rank 0)
 
     @property
     def main(self) -> bool:
@@ -212,7 +214,8 @@ LEFTOVERS = re.compile(r"^\.(adapter\.(tmp|old)-\d+-\d+|loss\.png\.\d+\.tmp)$")
 
 def check_out(run: Run, resume: bool) -> None:
     """Refuse an ``--out`` the run cannot use, before any work: a file, a directory holding files graftr did not
-    write, an earlier run without ``--resume``, or one that cannot be created or written (rank 0 creates it)."""
+    write, an earlier run without ``--resume``, or one that cannot be created or written (rank 0 creates it and
+    records the directories it made in ``run.created``)."""
     out = run.out
     if out.exists() and not out.is_dir():
         raise GraftrError(f"--out {out} is a file, not a directory")
@@ -234,12 +237,25 @@ def check_out(run: Run, resume: bool) -> None:
             raise GraftrError(f"--out {out} holds an earlier run ({', '.join(earlier)}); pass --resume to continue "
                               "it or choose another --out")
     if run.main:
+        missing = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise GraftrError(f"cannot create --out {out}: {e.strerror or e}") from None
+        run.created = missing
         if not os.access(out, os.W_OK | os.X_OK):
             raise GraftrError(f"cannot write into --out {out}: permission denied")
+
+
+def remove_unused_out(run: Run) -> None:
+    """Remove the directories :func:`check_out` made for this run, innermost first, while they are empty (rank 0):
+    a run refused in its set-up (a bad model, tokenizer, data or recipe) leaves no empty ``--out`` behind. A
+    directory that existed before the run (``--resume``'s, an empty one of yours) or that holds anything stays."""
+    for directory in run.created:
+        try:
+            directory.rmdir()  # only ever an empty directory
+        except OSError:
+            return
 
 
 def starting_point(run: Run, resume: bool) -> Path | None:
@@ -792,20 +808,24 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     if not model_id:
         raise GraftrError("no model given: pass --model (a model directory with weights) or set the recipe's model")
     start_from = starting_point(run, resume)
-    data = setup_data(run, recipe, model_id, data)
-    estimate_memory(run, recipe, data)  # on meta, before the measurement starts
-    setup_memory(run, device)  # return freed memory to the system where the estimate says memory is tight
-    memory = PeakMemory(device)  # after the data (and the libraries it imports), before any weight is read
-    gm = setup_model(run, recipe, data, device)
-    # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
-    counts = gm.trainable_counts() if hasattr(gm, "trainable_counts") else baselines.trainable_counts(gm)
-    batches = setup_batches(run, data, gm)
-    cfg = run.cfg  # with the adapter kinds' defaults filled in
-    resumed = fingerprint(run, data, batches, gm)
-    ds = setup_engine(run, gm, batches)
-    engine = ds.engine
-    schedule = schedule_settings(run, batches)
-    progress = restore(run, ds, batches, start_from, fingerprint=resumed, schedule=schedule)
+    try:
+        data = setup_data(run, recipe, model_id, data)
+        estimate_memory(run, recipe, data)  # on meta, before the measurement starts
+        setup_memory(run, device)  # return freed memory to the system where the estimate says memory is tight
+        memory = PeakMemory(device)  # after the data (and the libraries it imports), before any weight is read
+        gm = setup_model(run, recipe, data, device)
+        # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
+        counts = gm.trainable_counts() if hasattr(gm, "trainable_counts") else baselines.trainable_counts(gm)
+        batches = setup_batches(run, data, gm)
+        cfg = run.cfg  # with the adapter kinds' defaults filled in
+        resumed = fingerprint(run, data, batches, gm)
+        ds = setup_engine(run, gm, batches)
+        engine = ds.engine
+        schedule = schedule_settings(run, batches)
+        progress = restore(run, ds, batches, start_from, fingerprint=resumed, schedule=schedule)
+    except GraftrError:  # refused before anything was written: no empty --out left behind
+        remove_unused_out(run)
+        raise
     recorder = Recorder(run.out, resume_step=progress.step, console=console) if run.main else None
     n_trainable, n_total = counts
     mbs, accum, total = batches.micro_batch_size, batches.accumulation, batches.total
