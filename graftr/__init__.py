@@ -16,10 +16,10 @@ _EXPORTS = {
     "Adapter": "graftr.adapters.base",
     "LinearAdapter": "graftr.adapters.base",
     "GraftrError": "graftr.errors",
-    "GraftedModel": "graftr.grafted",
-    "graft": "graftr.grafted",
-    "prepare": "graftr.grafted",
-    "load_adapter": "graftr.formats",
+    "GraftedModel": "graftr.hf",
+    "graft": "graftr.hf",
+    "prepare": "graftr.hf",
+    "load_adapter": "graftr.hf",
     "save_adapter": "graftr.formats",
     "AdapterConfig": "graftr.registry",
     "register_adapter": "graftr.registry",
@@ -28,8 +28,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from graftr.adapters.base import Adapter, LinearAdapter
     from graftr.errors import GraftrError
-    from graftr.grafted import GraftedModel, graft, prepare
-    from graftr.formats import load_adapter, save_adapter
+    from graftr.formats import save_adapter
+    from graftr.hf import GraftedModel, graft, load_adapter, prepare
     from graftr.registry import AdapterConfig, register_adapter
 
 

@@ -70,13 +70,11 @@ def enable(gm: fx.GraphModule, kwargs: dict | None = None) -> list[str]:
     options = _options(kwargs)
     disable(gm, keep_outlined=True)
     if not getattr(gm, "graftr_outlined", None):
-        flat = fx.Graph()
-        out = flat.graph_copy(gm.graph, {})
-        flat.output(out)
-        flat._codegen = gm.graph._codegen
+        flat = gm.graph  # outlining builds a new root graph and leaves this one as it is
         containers = dict(gm.named_modules())
         outline_layers(gm)
-        # disable() returns to the flat graph and the layers' own containers (merge_ works on the flat graph)
+        # disable() returns to this very flat graph, whose nodes the site index (merge_, named adapters, base_model)
+        # refers to, and to the layers' own containers
         gm.__dict__["_graftr_flat"] = (flat, {k: containers[k] for k in gm.graftr_outlined})
     layers = set(gm.graftr_outlined)
     graph = gm.graph

@@ -115,8 +115,14 @@ RULE = "graftr_rule"  # on every node a rewrite inserted: the rule that made it
 
 
 def tag_rule(node: fx.Node, rule: str) -> None:
-    """Provenance of a node the rewrite pass inserted: the rule that made it."""
+    """Provenance of a node the rewrite pass inserted: the rule that made it (``<rule>@<adapter>`` for a named
+    adapter's, :func:`graftr.named.qualified`)."""
     node.meta[RULE] = rule
+
+
+def rule_of(node: fx.Node) -> str | None:
+    """The rule that inserted ``node`` (:func:`tag_rule`), or None for a node of the traced model."""
+    return node.meta.get(RULE)
 
 
 def matched(node: fx.Node) -> list[str]:

@@ -262,7 +262,7 @@ def generate_text(gm, tokenizer, prompts: list[str], *, max_new_tokens: int, sam
 def add_arguments(parser) -> None:
     from graftr.load import add_model_arguments
 
-    add_model_arguments(parser, adapter_required=False)
+    add_model_arguments(parser, adapter_required=False, several=True)
     parser.add_argument("--prompt", action="append", required=True,
                         help="the prompt; repeat the flag to generate for several prompts in one batch")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
@@ -282,32 +282,38 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from graftr.console import console, errors
-    from graftr.load import load_for_inference
+    from graftr.load import load_adapters
     from graftr.names import GENERATIVE_TASKS, torch_dtype
     from graftr.models import load_tokenizer
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
-    loaded = load_for_inference(args.model, args.adapter, dtype=torch_dtype(args.dtype), console=console,
-                                trust_code=args.trust_code)
-    if loaded.gm.task not in GENERATIVE_TASKS:
-        raise GraftrError(f"generate needs a causal_lm or seq2seq_lm model; this one is {loaded.gm.task}")
+    # several --adapter: one base, every adapter loaded into it (graftr.named), each generating alone in turn
+    loaded, adapters = load_adapters(args.model, args.adapter, dtype=torch_dtype(args.dtype), console=console,
+                                     trust_code=args.trust_code)
+    gm = loaded.gm
+    if gm.task not in GENERATIVE_TASKS:
+        raise GraftrError(f"generate needs a causal_lm or seq2seq_lm model; this one is {gm.task}")
     tokenizer = load_tokenizer(loaded.source)
-    start = time.perf_counter()
-    texts, result = generate_text(loaded.gm, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                                  sampling=sampling, recipe=loaded.recipe, template=not args.no_template,
-                                  use_cache=not args.no_cache, generation_config=_generation_config(loaded.source),
-                                  images=args.image)
-    seconds = time.perf_counter() - start
-    if result.note:
-        errors.print(f"[yellow]note:[/] no KV cache: {result.note}; every token recomputes the whole sequence",
-                  highlight=False)
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            console.print(f"[bold]--- {i + 1}[/]")
-        console.print(text, markup=False, highlight=False)
-    rows, steps = result.tokens.shape
-    errors.print(f"[dim]{steps} steps × {rows} prompts in {seconds:.2f} s, {rows * steps / seconds:.1f} tokens/s "
-              f"({'KV cache' if result.cached else 'full recomputation'})[/]", highlight=False)
+    for adapter, name in (adapters or {None: None}).items():
+        if len(adapters) > 1:
+            gm.set_adapter(name, inference_mode=True)
+            console.print(f"[bold]=== {adapter}[/]", highlight=False)
+        start = time.perf_counter()
+        texts, result = generate_text(gm, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                      sampling=sampling, recipe=gm.recipes.get(name), template=not args.no_template,
+                                      use_cache=not args.no_cache,
+                                      generation_config=_generation_config(loaded.source), images=args.image)
+        seconds = time.perf_counter() - start
+        if result.note:
+            errors.print(f"[yellow]note:[/] no KV cache: {result.note}; every token recomputes the whole sequence",
+                         highlight=False)
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                console.print(f"[bold]--- {i + 1}[/]")
+            console.print(text, markup=False, highlight=False)
+        rows, steps = result.tokens.shape
+        errors.print(f"[dim]{steps} steps × {rows} prompts in {seconds:.2f} s, {rows * steps / seconds:.1f} "
+                     f"tokens/s ({'KV cache' if result.cached else 'full recomputation'})[/]", highlight=False)
     return 0
 
 

@@ -1,9 +1,16 @@
-"""The grafted model: a traced HF model with adapters inserted, usable like the HF model it came from.
+"""The grafted model: a traced HF model with adapters inserted, called like the HF model it came from.
 
 :class:`GraftedModel` is a ``torch.fx.GraphModule`` whose parameters keep their HF names (adapter parameters are
 named ``<site path>.<rule name>.<param>``). Calling it takes the HF model's keyword arguments and returns the HF
-output type; ``labels`` are turned into a loss outside the graph with transformers' own loss functions, so one
-traced graph serves training and inference. ``.train()``/``.eval()`` switch every dropout, adapters' included.
+output type (:mod:`graftr.calling`); ``labels`` are turned into a loss outside the graph with transformers' own loss
+functions, so one traced graph serves training and inference. ``.train()``/``.eval()`` switch every dropout,
+adapters' included. It holds named adapters (:mod:`graftr.named`): ``add_adapter``, ``set_adapter``,
+``active_adapters``, ``delete_adapter``, ``disable_adapter()``, with PEFT's names and meaning.
+
+This is the core. The Hugging Face face, ``transformers.PreTrainedModel`` with ``save_pretrained``,
+``from_pretrained``, ``load_adapter`` and ``generate``, is :class:`graftr.hf.GraftedModel`, a subclass built above
+the formats and loaders it calls: :func:`graftr.graft`, :func:`graftr.prepare` and :func:`graftr.load_adapter` make
+one (pass ``cls`` to :func:`prepare`/:func:`graft` here to choose the class).
 
 In training mode, a language model whose logits come from a frozen linear head computes its loss with
 :func:`graftr.loss.linear_cross_entropy` instead: the graph runs up to the head's input, and the (tokens × vocab)
@@ -13,6 +20,7 @@ logits are never kept for backward. Such a call returns ``loss`` with ``logits=N
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +28,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graftr import passes, trace as tracing
+from graftr import named, passes, trace as tracing
+from graftr.calling import adopt_signature, bind_forward, hf_forward, keep_logits
 from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
-from graftr.hf import HFModelMixin, adopt, bind_forward, hf_forward, keep_logits
 from graftr.loss import IGNORE_INDEX, Scratch, linear_cross_entropy
+from graftr.named import DEFAULT, NamedAdapter
 from graftr.passbase import GraphPass, PassResult, run_passes
-from graftr.sites import _boundary, find_sites
+from graftr.sites import find_sites
 
 _LM_LOSS_SHIFT = {"causal_lm": True, "masked_lm": False, "seq2seq_lm": False}  # tasks whose loss can be fused
 
@@ -34,7 +43,7 @@ _LM_LOSS_SHIFT = {"causal_lm": True, "masked_lm": False, "seq2seq_lm": False}  #
 class Grafting:
     """What tracing and grafting produced: the one record a :class:`GraftedModel` keeps (``gm.grafting``).
 
-    The fields are also the model's attributes of the same meaning (``gm.task``, ``gm.plans``, ``gm.site_index``,
+    The fields are also the model's attributes of the same meaning (``gm.task``, ``gm.site_index``,
     ``gm.graftr_input_names``, ...), read and set through it. A feature that needs to remember something about a
     grafted model adds a field here (with its default), not an attribute elsewhere.
     """
@@ -47,10 +56,12 @@ class Grafting:
     task: str  # graftr.names.TASKS
     model_id: str | None  # the base model's id or directory
     site_index: Any  # graftr.sites.SiteIndex of the flat graph
-    recipe: Any = None  # graftr.recipe.Recipe once grafted
-    plans: list = field(default_factory=list)  # graftr.passes.RulePlan per rule, in recipe order
+    adapters: dict[str, NamedAdapter] = field(default_factory=dict)  # name -> adapter, in the order they were added
+    active: list[str] = field(default_factory=list)  # the adapters that compute (graftr.named)
+    disabled: bool = False  # inside disable_adapter(): every adapter off
+    quantize: Any = None  # the quantize: section the base was quantized with (graftr.sections.QuantizeConfig)
     outlined: list[str] = field(default_factory=list)  # layers the outline_layers pass made submodules of
-    embeddings: dict[str, str] = field(default_factory=dict)  # "input"/"output" -> module path (graftr.hf.adopt)
+    embeddings: dict[str, str] = field(default_factory=dict)  # "input"/"output" -> module path (graftr.calling)
     generation_config: Any = None  # transformers.GenerationConfig, made from hf_config when first read (graftr.hf)
     quantized: dict = field(default_factory=dict)  # site path -> graftr.quantize.QuantizedWeight (the quantize pass)
 
@@ -74,14 +85,15 @@ def _recorded(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
-class GraftedModel(fx.GraphModule, HFModelMixin):
+class GraftedModel(fx.GraphModule):
     """A traced HF model (optionally with adapters). Build it with :func:`graftr.graft` or :func:`prepare`.
 
     What grafting produced is one declared record, :class:`Grafting` (``gm.grafting``); the attributes below read
-    and set its fields. It is a ``transformers.PreTrainedModel`` too: :class:`graftr.hf.HFModelMixin` gives it the
-    interface of the class it was traced from (config, forward signature, generate, save_pretrained, ...)."""
+    and set its fields. :class:`graftr.hf.GraftedModel`, what :func:`graftr.graft` returns, adds the
+    ``transformers.PreTrainedModel`` interface of the class it was traced from."""
 
     fused_loss = True  # training-mode LM loss from the head's input, without logits (see the module docstring)
+    supports_gradient_checkpointing = True
     grafting: Grafting
 
     graftr_input_names = _recorded("input_names", "the graph's tensor inputs, in call order")
@@ -92,8 +104,6 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
     hf_class = _recorded("hf_class", "the traced HF class name")
     task = _recorded("task", "the task the model was traced for (graftr.names.TASKS)")
     model_id = _recorded("model_id", "the base model's id or directory")
-    recipe = _recorded("recipe", "the recipe grafted onto the model, or None")
-    plans = _recorded("plans", "what the rewrite pass inserted, per rule")
     graftr_embeddings = _recorded("embeddings", "module paths of the input and output embeddings")
     graftr_quantized = _recorded("quantized", "what the quantize pass did, per linear site path")
 
@@ -109,6 +119,28 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
     @site_index.setter
     def site_index(self, value) -> None:
         self.grafting.site_index = value
+
+    @property
+    def recipe(self):
+        """The recipe of the model's first adapter (``"default"``, the one :func:`graft` inserted), or None."""
+        first = next(iter(self.grafting.adapters.values()), None)
+        return first.recipe if first is not None else None
+
+    @property
+    def recipes(self) -> dict[str, Any]:
+        """Every adapter's recipe by name, in the order they were added (PEFT's ``peft_config``)."""
+        return {name: a.recipe for name, a in self.grafting.adapters.items()}
+
+    @property
+    def plans(self) -> list:
+        """What the rewrite pass inserted, per rule (:class:`graftr.passes.RulePlan`), for every adapter in turn."""
+        return [plan for a in self.grafting.adapters.values() for plan in a.plans]
+
+    def adopt_interface(self, model: nn.Module) -> None:
+        """Take from ``model``, the HF module this graph was traced from, what calling it needs: its forward
+        signature and the paths of its embeddings (:func:`graftr.calling.adopt_signature`). Run once, by
+        :func:`prepare`; :class:`graftr.hf.GraftedModel` adds what HF tools read."""
+        adopt_signature(self, model)
 
     @property
     def _runtime(self) -> _Runtime:
@@ -266,17 +298,29 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
         if runtime.backbone is not None:
             return runtime.backbone
         path = self.graftr_embeddings.get("output")
-        site = next((s for s in self.site_index.linear if s.path == path), None) if path else None
+        site = next((s for s in self.grafting.site_index.linear if s.path == path), None) if path else None
         if site is None:
             raise GraftrError(f"{self.hf_class} has no linear LM head graftr found; base_model is not available")
         if site.adapters:
             raise GraftrError(f"adapters on {site.path} (the LM head) would be skipped by code applying the head to "
                               "base_model's output (TRL's fused LM head); graft the head's input or leave it alone")
-        body = self._body_returning(site.input)
+        body = self._body_returning(self._head_input(site))
         if body is None:
             raise GraftrError(f"the graph of {self.hf_class} returns no logits; base_model is not available")
         runtime.backbone = lambda **inputs: body(**inputs).logits
         return runtime.backbone
+
+    def _head_input(self, site) -> fx.Node:
+        """The node the LM head ``site`` reads in the current graph: the site's input in the flat graph; once the
+        layers are outlined (activation checkpointing), the input of the root graph's linear reading its weight."""
+        if not self.grafting.outlined:
+            return site.input
+        for node in self.graph.nodes:
+            weight = node.args[1] if node.op == "call_function" and node.target is torch.ops.aten.linear.default \
+                else None
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target == site.weight:
+                return node.args[0]
+        raise GraftrError(f"the LM head {site.path} is not a linear of the outlined graph; base_model is not available")
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.hf_config
@@ -309,8 +353,11 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
     def adapter_modules(self) -> dict[str, nn.Module]:
         return {t: self.get_submodule(t) for plan in self.plans for t in plan.modules}
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors to save: adapter parameters and the recipe's trainable modules."""
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The trainable tensors (adapter parameters and the recipe's trainable modules), or with ``adapter_name``
+        every tensor of that adapter, trainable or not; under the model's parameter names."""
+        if adapter_name is not None:
+            return {n: self.get_parameter(n) for n in named.named(self, adapter_name).params}
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def trainable_counts(self) -> tuple[int, int]:
@@ -321,9 +368,42 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
         return (sum(p.numel() for p in params if p.requires_grad),
                 sum(p.numel() for p in params) + stored_numel(self))
 
-    # ---- activation checkpointing (transformers' PreTrainedModel interface) -------------------------------------
-    supports_gradient_checkpointing = True
+    # ---- named adapters (PEFT's interface, graftr.named) -------------------------------------------------------
+    def add_adapter(self, adapter_name: str, recipe) -> "GraftedModel":
+        """Graft ``recipe`` as a new adapter named ``adapter_name``, at its init (identity), inactive and frozen
+        until :meth:`set_adapter` (PEFT's ``add_adapter``). See :mod:`graftr.named` for what may coexist."""
+        return graft(self, recipe, adapter_name=adapter_name)
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (one name or several, which then apply together in the order they were added) the
+        active adapters; their tensors become trainable unless ``inference_mode``, the others' frozen."""
+        named.set_active(self, [adapter_name] if isinstance(adapter_name, str) else list(adapter_name),
+                         inference_mode=inference_mode)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters."""
+        return list(self.grafting.active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of names if several (or none) are active, as PEFT's."""
+        active = self.grafting.active
+        return active[0] if len(active) == 1 else list(active)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter: its nodes, modules and parameters (PEFT's ``delete_adapter``; if it was the only
+        active one, the first remaining adapter becomes active)."""
+        named.delete(self, adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` every adapter is off inside the block, so the model computes its base
+        model's outputs exactly (no copy of the base); refused for adapters that changed the base in place."""
+        with named.disabled(self):
+            yield
+
+    # ---- activation checkpointing (transformers' PreTrainedModel interface) -------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each decoder layer in backward instead of keeping its activations (see
         :mod:`graftr.checkpointing`); outlines the layers if they are not yet. ``gradient_checkpointing_kwargs``
@@ -347,7 +427,8 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
 
     # ---- merging -------------------------------------------------------------------------------------------
     def merge_(self) -> "GraftedModel":
-        """Fold every adapter into its site's base weights and remove it from the graph (in place).
+        """Fold the active adapters into their sites' base weights and remove every adapter from the graph (in
+        place; PEFT's ``merge_and_unload``: with one adapter, that one).
 
         Checks every site first and raises :class:`MergeError` before changing anything if one cannot be merged.
         """
@@ -356,51 +437,61 @@ class GraftedModel(fx.GraphModule, HFModelMixin):
 
 
 class MergeAdapters(GraphPass):
-    """Fold every adapter of a grafted model into its site's base weights and remove it from the graph; afterwards
-    the model is its plain base model again. ``requires`` checks every site before anything changes."""
+    """Fold the active adapters of a grafted model into their sites' base weights and remove every adapter from the
+    graph; afterwards the model is its plain base model again (with the merged weights). ``requires`` checks every
+    site before anything changes."""
 
     name = "merge_adapters"
+
+    @staticmethod
+    def merged(gm: GraftedModel) -> set[str]:
+        """The adapter modules whose effect is folded into the weights: the active adapters' (none if disabled)."""
+        if gm.grafting.disabled:
+            return set()
+        return {t for name in gm.grafting.active for t in gm.grafting.adapters[name].targets}
 
     def requires(self, gm: GraftedModel) -> None:
         if getattr(gm, "graftr_outlined", None):
             raise MergeError("merge_ works on the flat graph, and this model's layers are outlined"
                              + (" (call gradient_checkpointing_disable() first)" if gm.is_gradient_checkpointing
                                 else ""))
+        merged = self.merged(gm)
         for site in gm.site_index.all():
-            if not site.adapters:
+            adapters = [gm.get_submodule(t) for t in site.adapters if t in merged]
+            dropped = [reason for t in site.adapters if t not in merged
+                       if (reason := gm.get_submodule(t).detach_refusal()) is not None]
+            if dropped:
+                raise MergeError(f"{site.path}: an inactive adapter is not merged and must leave the graph, but "
+                                 f"{dropped[0]}")
+            if not adapters:
                 continue
             if site.op == "linear" and site.quant:
                 raise MergeError(f"{site.path}: its weight is stored quantized ({site.quant}); merge into the "
                                  "dequantized weights with graftr merge (or graft with round_trip=True)")
             if site.op != "linear":
                 raise MergeError(f"{site.path}: {ATTENTION_NOT_MERGEABLE}")
-            adapters = [gm.get_submodule(t) for t in site.adapters]
             adapters[0].check_site_merge(site.path, adapters)  # the linear kinds' rule (graftr.adapters.base)
 
     def call(self, gm: GraftedModel) -> PassResult:
-        sites = [s for s in gm.site_index.all() if s.adapters]
+        merged = self.merged(gm)
         with torch.no_grad():
-            for site in sites:
+            for site in gm.site_index.all():
+                targets = [t for t in site.adapters if t in merged]
+                if not targets:
+                    continue
                 weight = gm.get_parameter(site.weight)
                 bias = gm.get_parameter(site.bias) if site.bias else None
                 w, b = weight.data, (bias.data if bias is not None else None)
-                for target in site.adapters:
+                for target in targets:
                     w, b = gm.get_submodule(target).merge_into(w, b, site.layout)
                 weight.data.copy_(w)
                 if bias is not None:
                     bias.data.copy_(b)
                 elif b is not None:  # an adapter added a bias (scale_bias) where the base has none
                     self._add_bias(gm, site, b)
-        for site in sites:
-            for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in site.adapters]:
-                node.replace_all_uses_with(node.args[-1])  # an output adapter's y, an input adapter's x
-                gm.graph.erase_node(node)
-            for target in site.adapters:
-                parent, name = target.rsplit(".", 1)
-                delattr(gm.get_submodule(parent), name)
-            site.adapters.clear()
-            site.input, site.output = _boundary(site.nodes)
-        gm.plans = []  # every adapter is folded in: the model is a plain base model again
+        for record in list(gm.grafting.adapters.values()):  # every adapter leaves the graph, folded in or not
+            named.remove(gm, record)
+        gm.grafting.active, gm.grafting.disabled = [], False
         return PassResult(gm, True)
 
     @staticmethod
@@ -422,14 +513,15 @@ def _scored(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     return (labels[..., 1:] if shift else labels).ne(IGNORE_INDEX).sum()
 
 
-def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None,
-            dynamic: bool = True) -> GraftedModel:
-    """Trace ``model`` into a :class:`GraftedModel` with no adapters (parameters shared, not copied).
+def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None = None, dynamic: bool = True,
+            cls: type[GraftedModel] | None = None) -> GraftedModel:
+    """Trace ``model`` into a :class:`GraftedModel` (or ``cls``, a subclass: :class:`graftr.hf.GraftedModel` for
+    the HF interface) with no adapters (parameters shared, not copied).
 
     ``dynamic=False`` is for plans that never run (see :func:`graftr.trace.export`): the graph takes only the
     tracing example's shapes."""
     spec = tracing.trace_spec(model)
-    gm = tracing.to_graph_module(tracing.export(model, spec, dynamic=dynamic), cls=GraftedModel,
+    gm = tracing.to_graph_module(tracing.export(model, spec, dynamic=dynamic), cls=cls or GraftedModel,
                                  class_name=f"Grafted{type(model).__name__}")
     if task is None:
         from graftr.models import infer_task
@@ -439,38 +531,57 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
                            position_ids=spec.position_ids, hf_config=model.config, hf_class=type(model).__name__,
                            task=task, model_id=model_id or getattr(model.config, "_name_or_path", "") or None,
                            site_index=find_sites(gm))
-    adopt(gm, model)
+    gm.adopt_interface(model)
     return gm
 
 
-def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = None,
-          round_trip: bool = False) -> GraftedModel:
-    """Trace (if needed), quantize the frozen base (the recipe's ``quantize:``), match the recipe's rules, insert
-    their adapters and freeze everything else.
+def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = None, round_trip: bool = False,
+          adapter_name: str = DEFAULT, cls: type[GraftedModel] | None = None) -> GraftedModel:
+    """Trace (if needed, as ``cls``: see :func:`prepare`), quantize the frozen base (the recipe's ``quantize:``),
+    match the recipe's rules, insert their adapters as the adapter ``adapter_name``, make it the active adapter and
+    freeze everything else.
+
+    On a model that holds adapters already, the recipe becomes one more, inactive and frozen until
+    ``set_adapter`` (:meth:`GraftedModel.add_adapter`, :mod:`graftr.named`).
 
     ``round_trip=True`` keeps the base dense but replaces each weight the recipe quantizes by
     ``dequantize(quantize(W))``, the weights a quantized model computes with (``graftr merge`` folds adapters into
     them)."""
-    from graftr.quantize import QuantizePass, active
-    from graftr.selectors import compile_glob  # noqa: F401
+    gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task=recipe.task, cls=cls)
+    first = not gm.grafting.adapters
+    owned = set(_insert(gm, recipe, adapter_name, round_trip=round_trip).params)
+    if first:
+        for name, p in gm.named_parameters():
+            p.requires_grad_(name in owned)
+        gm.grafting.active = [adapter_name]
+    else:
+        for name in owned:
+            gm.get_parameter(name).requires_grad_(False)
+    named.apply_activity(gm)
+    return gm
 
-    gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, task=recipe.task)
-    if gm.recipe is not None:
-        raise GraftrError("this model is already grafted; graft the base model with one combined recipe")
+
+def _insert(gm: GraftedModel, recipe, name: str, *, round_trip: bool) -> NamedAdapter:
+    """Run the passes that graft ``recipe`` as the adapter ``name`` and record it (``gm.grafting.adapters``)."""
+    from graftr.quantize import QuantizePass, active
+    from graftr.selectors import compile_glob
+
+    named.check_addition(gm, recipe, name)
     vision_input = []
     if recipe.vision is not None:  # the image input and I_p, read by the rules with condition: image
         from graftr import vision
 
         vision_input = [vision.VisionPass(recipe.vision)]
-    inserted = passes.RewritePass(recipe)
+    inserted = passes.RewritePass(recipe, adapter=name)
     quantize = getattr(recipe, "quantize", None)
-    first = [QuantizePass(quantize, trainable=recipe.trainable_modules, round_trip=round_trip)] if active(quantize) \
-        else []
+    first = [QuantizePass(quantize, trainable=recipe.trainable_modules, round_trip=round_trip)] \
+        if active(quantize) and gm.grafting.quantize is None else []
     run_passes(gm, *first, passes.MatchPass(recipe), *vision_input, inserted)
+    if first:
+        gm.grafting.quantize = quantize
     plans = inserted.plans
     if recipe.vision is not None:
         recipe = vision.with_absolute_encoder(recipe)
-    gm.recipe, gm.plans = recipe, plans
     adapter_prefixes = tuple(t + "." for p in plans for t in p.modules)
     if recipe.vision is not None:
         adapter_prefixes += (f"{vision.TARGET}.projection.",)
@@ -479,19 +590,24 @@ def graft(model: nn.Module | GraftedModel, recipe, *, model_id: str | None = Non
     unmatched = [g for g, rx in zip(recipe.trainable_modules, globs) if not any(rx.fullmatch(m) for m in module_paths)]
     if unmatched:
         raise GraftrError(f"trainable_modules {unmatched} match no module of {gm.hf_class}")
-    for name, p in gm.named_parameters():
-        owner = name.rsplit(".", 1)[0]
-        trainable = name.startswith(adapter_prefixes) or any(
+
+    def owned(param: str) -> bool:
+        owner = param.rsplit(".", 1)[0]
+        return param.startswith(adapter_prefixes) or any(
             rx.fullmatch(owner) or any(rx.fullmatch(owner.rsplit(".", k)[0]) for k in range(1, owner.count(".") + 1))
             for rx in globs)
-        p.requires_grad_(bool(trainable))
-    return gm
+
+    record = NamedAdapter(name, recipe, plans, [n for n, _ in gm.named_parameters() if owned(n)])
+    gm.grafting.adapters[name] = record
+    return record
 
 
 def summary(gm: GraftedModel) -> dict[str, Any]:
     trainable, total = gm.trainable_counts()
-    rules = [{"rule": p.name, "kind": p.rule.adapter.kind, "sites": len(p.sites), "params": p.params_added,
-              "examples": [s.path for s in p.sites[:3]]} for p in gm.plans]
+    several = len(gm.grafting.adapters) > 1  # rule names are then given with their adapter's (rule@adapter)
+    rules = [{"rule": named.qualified(p.name, a.name) if several else p.name, "kind": p.rule.adapter.kind,
+              "sites": len(p.sites), "params": p.params_added, "examples": [s.path for s in p.sites[:3]]}
+             for a in gm.grafting.adapters.values() for p in a.plans]
     if getattr(gm.recipe, "vision", None) is not None:  # the image projection shared by the conditioned prompts
         from graftr.vision import TARGET
 

@@ -151,8 +151,11 @@ def require_lm_eval() -> None:
 
 
 def main(args) -> int:
-    """``graftr eval --tasks ...``: the base (``--model``) with the adapter (``--adapter``, optional)."""
+    """``graftr eval --tasks ...``: the base (``--model``) with the adapter (``--adapter``, optional; repeated, each
+    adapter in turn on one loaded base, its results labelled and written beside it)."""
     from graftr.console import console as out
+    from graftr.formats import load_adapter
+    from graftr.hf import GraftedModel
     from graftr.load import load_with_weights, resolve_base
     from graftr.models import load_tokenizer
     from graftr.names import torch_dtype
@@ -161,33 +164,50 @@ def main(args) -> int:
     require_lm_eval()
     from lm_eval.utils import make_table
 
+    adapters = list(dict.fromkeys(args.adapter or [])) if isinstance(args.adapter, list) else \
+        [args.adapter] if args.adapter else []
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise GraftrError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if args.limit is not None and args.limit <= 0:
         raise GraftrError(f"--limit must be > 0, got {args.limit}")
-    target = results_path(args.out, args.adapter)
+    if args.out and len(adapters) > 1:
+        raise GraftrError("--out names one results file; with several --adapter each adapter's results are written "
+                          "beside it")
     # configs only: fails fast
-    base = resolve_base(args.model, args.adapter, weights=True, console=out, trust_code=args.trust_code)
+    base = resolve_base(args.model, adapters[0] if adapters else None, weights=True, console=out,
+                        trust_code=args.trust_code)
     preloaded = load_tasks(names, args.include_path)  # every dataset, before any weight is read
-    loaded = load_with_weights(base, args.adapter, dtype=torch_dtype(args.dtype))
+    loaded = load_with_weights(base, adapters[0] if adapters else None, dtype=torch_dtype(args.dtype),
+                               cls=GraftedModel)
+    gm = loaded.gm
+    labels = {path: "default" if i == 0 else f"adapter{i + 1}" for i, path in enumerate(adapters)}
+    for path in adapters[1:]:
+        load_adapter(gm, path, adapter_name=labels[path], trust_code=args.trust_code)
+    gm.eval()
     tokenizer = load_tokenizer(loaded.source)
-    start = time.perf_counter()
-    results = evaluate_tasks(loaded.gm, tokenizer, names, num_fewshot=args.num_fewshot, limit=args.limit,
-                             batch_size=args.batch_size, preloaded=preloaded,
-                             apply_chat_template=args.apply_chat_template)
-    seconds = time.perf_counter() - start
-    out.print(make_table(results), markup=False, highlight=False)
-    if "groups" in results:
-        out.print(make_table(results, "groups"), markup=False, highlight=False)
-    what = f"{args.adapter} on {loaded.source.model_id}" if args.adapter else loaded.source.model_id
-    if target is not None:
-        write_results(results, target, extra={"model": loaded.source.model_id, "adapter": args.adapter,
-                                               "tasks": names, "num_fewshot": args.num_fewshot, "limit": args.limit,
-                                               "apply_chat_template": args.apply_chat_template,
-                                               "seconds": round(seconds, 2)})
-        out.print(f"{what}: wrote the results to {target}", highlight=False)
-    else:
-        out.print(f"{what}: pass --out FILE to keep the results JSON", highlight=False)
+    for adapter in adapters or [None]:
+        if len(adapters) > 1:
+            gm.set_adapter(labels[adapter], inference_mode=True)
+            out.print(f"[bold]=== {adapter}[/]", highlight=False)
+        target = results_path(args.out, adapter)
+        start = time.perf_counter()
+        results = evaluate_tasks(gm, tokenizer, names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                 batch_size=args.batch_size, preloaded=preloaded,
+                                 apply_chat_template=args.apply_chat_template)
+        seconds = time.perf_counter() - start
+        out.print(make_table(results), markup=False, highlight=False)
+        if "groups" in results:
+            out.print(make_table(results, "groups"), markup=False, highlight=False)
+        what = f"{adapter} on {loaded.source.model_id}" if adapter else loaded.source.model_id
+        if target is not None:
+            write_results(results, target, extra={"model": loaded.source.model_id, "adapter": adapter,
+                                                   "tasks": names, "num_fewshot": args.num_fewshot,
+                                                   "limit": args.limit,
+                                                   "apply_chat_template": args.apply_chat_template,
+                                                   "seconds": round(seconds, 2)})
+            out.print(f"{what}: wrote the results to {target}", highlight=False)
+        else:
+            out.print(f"{what}: pass --out FILE to keep the results JSON", highlight=False)
     return 0

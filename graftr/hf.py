@@ -1,97 +1,69 @@
 """The grafted model as a Hugging Face ``PreTrainedModel``: what Trainer, TRL and lm-evaluation-harness read.
 
-:class:`HFModelMixin` is a base of :class:`graftr.grafted.GraftedModel`, so a grafted model *is* a
-``transformers.PreTrainedModel`` (and a ``GenerationMixin``). Nothing in it is written per family: :func:`adopt`
-copies what the tools read from the traced model's own class and config when the graph is built —
+:class:`GraftedModel` here is the core :class:`graftr.grafted.GraftedModel` (the graph, called like the HF model)
+with :class:`HFModelMixin` (``transformers.PreTrainedModel`` and ``GenerationMixin``) above it: this module builds
+on the core and on the adapter formats, loaders and generation it calls, and none of them imports it.
+:func:`prepare`, :func:`graft` and :func:`load_adapter` (``graftr.prepare``, ``graftr.graft``,
+``graftr.load_adapter``) make this class; the same functions of the core make the plain graph. Nothing in it is
+written per family: :meth:`GraftedModel.adopt_interface` copies what the tools read from the traced model's own class
+and config when the graph is built —
 
 * the class attributes HF code looks up on the model (``base_model_prefix``, ``main_input_name``,
   ``_no_split_modules``, ``_keys_to_ignore_on_save``, ...) and ``loss_type``, found from the class name exactly as
   ``PreTrainedModel.__init__`` finds it (``Trainer`` counts ``num_items_in_batch`` over shifted labels for
   ``ForCausalLM``);
-* the forward signature: ``model.forward`` shows the HF class's own parameters (``inspect.signature`` is how
-  ``Trainer`` keeps dataset columns and how ``generate`` checks model kwargs), takes ``input_ids`` positionally, and
-  :func:`bind_forward` maps a call onto the graph's inputs (arguments the graph cannot honour — ``inputs_embeds``,
-  ``past_key_values`` — are refused with a reason, flags such as ``use_cache`` are ignored);
-* the paths of the input and output embeddings (``get_input_embeddings``/``get_output_embeddings`` return an
-  ``nn.Embedding``/``nn.Linear`` sharing the graph's parameters; the graph calls the ops, not these modules, so
-  hooks on them do not fire).
+* through the core, the forward signature (:mod:`graftr.calling`) and the paths of the input and output embeddings
+  (``get_input_embeddings``/``get_output_embeddings`` return an ``nn.Embedding``/``nn.Linear`` sharing the graph's
+  parameters; the graph calls the ops, not these modules, so hooks on them do not fire).
 
 ``config``, ``name_or_path``, ``generation_config``, ``device``, ``dtype`` behave as on the HF model;
 ``accepts_loss_kwargs`` is true for language models, whose losses divide by ``num_items_in_batch`` as transformers'
 do. ``base_model`` is the graph up to the LM head's input, returning ``last_hidden_state`` (TRL's fused LM head calls
-it). ``save_pretrained`` writes a graftr adapter directory and ``GraftedModel.from_pretrained`` reads one back.
-``generate`` follows ``GenerationMixin.generate`` for greedy and sampled decoding — its own generation config
-merging, logits processors and stopping criteria — on graftr's KV-cache graph (:mod:`graftr.generate`).
+it). ``save_pretrained`` writes each adapter as a graftr adapter directory, ``load_adapter(path, adapter_name)`` adds
+one (named adapters, :mod:`graftr.named`), ``GraftedModel.from_pretrained`` reads one back. ``generate`` follows
+``GenerationMixin.generate`` for greedy and sampled decoding — its own generation config merging, logits processors
+and stopping criteria — on graftr's KV-cache graph (:mod:`graftr.generate`).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
+from graftr import grafted, named
+from graftr.calling import bind_forward
 from graftr.errors import GraftrError
 
 LM_TASKS = ("causal_lm", "masked_lm", "seq2seq_lm")  # tasks whose loss honours num_items_in_batch
 GENERATIVE_TASKS = ("causal_lm", "seq2seq_lm")
 
-# Class attributes of the HF model class that HF tools read on a model instance, copied by `adopt`.
+# Class attributes of the HF model class that HF tools read on a model instance, copied by `adopt_interface`.
 _CLASS_ATTRIBUTES = ("base_model_prefix", "main_input_name", "config_class", "_no_split_modules",
                      "_keys_to_ignore_on_save", "_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected",
                      "_tied_weights_keys", "_skip_keys_device_placement", "input_modalities")
-# HF forward arguments the graph has no input for: flags without effect here, and flags refused when true
-_IGNORED_ANY = ("use_cache", "return_dict")
-_FALSE_ONLY = ("output_attentions", "output_hidden_states")
 
 
-def adopt(gm, model: nn.Module) -> None:
-    """Give ``gm`` (a freshly traced GraftedModel) the HF interface of ``model``, the module it was traced from."""
-    cls, hf_cls = type(gm), type(model)
-    for name in _CLASS_ATTRIBUTES:
-        if hasattr(hf_cls, name):
-            setattr(cls, name, getattr(hf_cls, name))
-    cls._graftr_signature = _forward_signature(hf_cls)
-    cls.forward = hf_forward(cls)
-    gm.loss_type = _loss_type(hf_cls.__name__)
-    paths = {id(m): name for name, m in model.named_modules()}
-    for which in ("input", "output"):
-        try:
-            module = getattr(model, f"get_{which}_embeddings")()
-        except (AttributeError, NotImplementedError):
-            module = None
-        if module is not None and id(module) in paths:
-            gm.graftr_embeddings[which] = paths[id(module)]
+def prepare(model: nn.Module, **kwargs) -> GraftedModel:
+    """:func:`graftr.grafted.prepare` into a :class:`GraftedModel` (a ``PreTrainedModel``)."""
+    return grafted.prepare(model, cls=GraftedModel, **kwargs)
 
 
-def hf_forward(cls):
-    """The ``forward`` of a grafted model's class: its ``_hf_forward``, showing the HF class's signature once
-    :func:`adopt` recorded it (each graph has its own class, so each its own function)."""
-    signature = cls.__dict__.get("_graftr_signature")
-    if signature is None:
-        return cls._hf_forward
-
-    @functools.wraps(cls._hf_forward)
-    def forward(self, *args, **kwargs):
-        return type(self)._hf_forward(self, *args, **kwargs)
-
-    forward.__signature__ = signature
-    return forward
+def graft(model: nn.Module, recipe, **kwargs) -> GraftedModel:
+    """:func:`graftr.grafted.graft`, tracing ``model`` (if it is not grafted yet) into a :class:`GraftedModel`."""
+    return grafted.graft(model, recipe, cls=GraftedModel, **kwargs)
 
 
-def _forward_signature(hf_cls) -> inspect.Signature:
-    """The HF class's forward signature (``self`` included), with ``**kwargs`` so loss kwargs pass."""
-    sig = inspect.signature(hf_cls.forward)
-    params = list(sig.parameters.values())
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
-    return sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+def load_adapter(model: nn.Module, path, **kwargs) -> GraftedModel:
+    """:func:`graftr.formats.load_adapter`, tracing ``model`` (if it is not grafted yet) into a
+    :class:`GraftedModel`."""
+    from graftr.formats import load_adapter as load
+
+    return load(model, path, cls=GraftedModel, **kwargs)
 
 
 def _loss_type(class_name: str) -> str | None:
@@ -102,54 +74,6 @@ def _loss_type(class_name: str) -> str | None:
         return class_name
     found = re.findall(f"({'|'.join(LOSS_MAPPING)})", class_name)
     return found[0] if found else None
-
-
-def bind_forward(gm, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(graph keyword arguments, loss arguments)`` of a call ``gm(*args, **kwargs)`` made as to the HF model.
-
-    Positional arguments take the HF forward's parameters in order (``model(input_ids)``); the loss arguments are
-    ``labels``, ``num_items_in_batch`` and ``logits_to_keep``. Arguments the graph takes pass through; anything else
-    must be None (or a flag without effect) or the call is refused."""
-    sig = getattr(type(gm), "_graftr_signature", None)
-    if args:
-        if sig is None:
-            raise TypeError("a grafted model built without its HF class takes keyword arguments only")
-        try:
-            bound = sig.bind_partial(gm, *args, **kwargs)
-        except TypeError as e:
-            raise TypeError(f"{type(gm).__name__}.forward(): {e}") from None
-        kwargs = {}
-        for name, value in list(bound.arguments.items())[1:]:
-            if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                kwargs.update(value)
-            else:
-                kwargs[name] = value
-    names = gm.graftr_input_names
-    loss = {k: kwargs.pop(k) for k in ("labels", "num_items_in_batch", "logits_to_keep") if k in kwargs}
-    for flag in _FALSE_ONLY:
-        if kwargs.pop(flag, False):
-            raise GraftrError(f"{flag}=True is not supported by a grafted model (the graph returns logits only)")
-    for flag in _IGNORED_ANY:
-        kwargs.pop(flag, None)
-    known = set(sig.parameters) if sig is not None else set()
-    unknown = sorted(k for k in kwargs if k not in names and k not in known)
-    if unknown:
-        raise TypeError(f"{type(gm).__name__}.forward() got unexpected keyword arguments {unknown}; "
-                        f"it takes {names} and labels")
-    unsupported = sorted(k for k, v in kwargs.items() if k not in names and v is not None)
-    if unsupported:
-        raise GraftrError(f"{', '.join(unsupported)}: not supported by a grafted model (its graph takes "
-                          f"{', '.join(names)})")
-    return {k: v for k, v in kwargs.items() if k in names}, loss
-
-
-def keep_logits(logits: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """HF's ``logits_to_keep``: an int keeps that many last positions (0: all), a tensor the positions it lists."""
-    if logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-        return logits
-    if isinstance(logits_to_keep, int):
-        return logits[:, -logits_to_keep:]
-    return logits[:, logits_to_keep]
 
 
 class _View(nn.Module):
@@ -192,9 +116,9 @@ def _embedding_view(weight: nn.Parameter, padding_idx: int | None) -> nn.Embeddi
 
 
 class HFModelMixin(PreTrainedModel, GenerationMixin):
-    """The ``PreTrainedModel`` interface of a grafted model (see the module docstring). A base of GraftedModel."""
+    """The ``PreTrainedModel`` interface of a grafted model (see the module docstring), above the core in
+    :class:`GraftedModel`'s bases (so ``GraphModule.__init__``'s ``super().__init__()`` lands here)."""
 
-    _graftr_signature: inspect.Signature | None = None
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -302,16 +226,16 @@ class HFModelMixin(PreTrainedModel, GenerationMixin):
 
     # ---- saving and loading -----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, *, state_dict: dict | None = None, is_main_process: bool = True,
-                        **kwargs) -> None:
-        """Write a graftr adapter directory (adapter tensors, resolved recipe, manifest) to ``save_directory``.
+                        selected_adapters: list[str] | None = None, **kwargs) -> None:
+        """Write each adapter (or those in ``selected_adapters``) as a graftr adapter directory (tensors, resolved
+        recipe, manifest): ``"default"`` into ``save_directory``, any other into ``save_directory/<name>``, as PEFT
+        does; each is an ordinary adapter directory, loadable alone.
 
         ``state_dict`` (as ``Trainer`` passes one gathered from DeepSpeed or FSDP) supplies the adapter tensors by
         name. The files are written into the directory, each complete or not at all; other files in it (a
         tokenizer, Trainer's state) stay. HF's serialization options (``safe_serialization``, ``max_shard_size``,
         ``push_to_hub``...) do not apply to an adapter and are refused when set to something else than the
         default."""
-        from graftr.formats.graftr import MANIFEST, RECIPE, TENSORS, save_adapter
-
         if kwargs.pop("push_to_hub", False):
             raise GraftrError("push_to_hub is not supported for a graftr adapter; push the directory yourself")
         for key in ("safe_serialization", "max_shard_size", "variant", "save_function", "token", "save_peft_format"):
@@ -320,29 +244,52 @@ class HFModelMixin(PreTrainedModel, GenerationMixin):
             raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
         if not is_main_process:
             return
-        if self.recipe is None:
+        if not self.grafting.adapters:
             raise GraftrError("this model has no adapters to save; save the HF model it was traced from instead")
-        tensors = None
-        if state_dict is not None:
-            names = self.adapter_state_dict()
-            missing = sorted(n for n in names if n not in state_dict)
-            if missing:
-                raise GraftrError(f"the state_dict to save lacks adapter tensors: {', '.join(missing[:3])}")
-            tensors = {n: state_dict[n] for n in names}
+        names = list(self.grafting.adapters) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            named.named(self, name)
         out = Path(save_directory)
+        for name in names:
+            tensors = None
+            if state_dict is not None:
+                params = self.adapter_state_dict(name)
+                missing = sorted(n for n in params if n not in state_dict)
+                if missing:
+                    raise GraftrError(f"the state_dict to save lacks adapter tensors: {', '.join(missing[:3])}")
+                tensors = {n: state_dict[n] for n in params}
+            self._write_adapter(out if name == named.DEFAULT else out / name, name, tensors)
+
+    def _write_adapter(self, out: Path, name: str, tensors: dict | None) -> None:
+        """Adapter ``name``'s files into ``out`` (made if needed), each renamed into place, the manifest last."""
+        from graftr.formats.graftr import MANIFEST, RECIPE, TENSORS, save_adapter
+
         if out.exists() and not out.is_dir():
             raise GraftrError(f"{out} exists and is not a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.parent / f".{out.name}.adapter-{os.getpid()}"
-        save_adapter(self, staging, tensors=tensors)
+        save_adapter(self, staging, adapter=name, tensors=tensors)
         try:
             out.mkdir(exist_ok=True)
-            for name in (TENSORS, RECIPE, MANIFEST):  # the manifest last: it marks a complete adapter
-                os.replace(staging / name, out / name)
+            for file in (TENSORS, RECIPE, MANIFEST):  # the manifest last: it marks a complete adapter
+                os.replace(staging / file, out / file)
         finally:
             for left in staging.glob("*"):
                 left.unlink()
             staging.rmdir()
+
+    def load_adapter(self, model_id, adapter_name: str = named.DEFAULT, is_trainable: bool = False, *,
+                     trust_code: bool = False, **kwargs) -> None:
+        """Add the adapter in ``model_id`` (a graftr or PEFT adapter directory) as ``adapter_name`` (PEFT's
+        ``load_adapter``): inactive until :meth:`set_adapter` unless it is the model's first, frozen unless
+        ``is_trainable``; the model is put in eval mode if not. ``trust_code``: see :func:`graftr.load_adapter`."""
+        if kwargs:
+            raise TypeError(f"load_adapter() got unexpected keyword arguments {sorted(kwargs)}")
+        load_adapter(self, model_id, adapter_name=adapter_name, trust_code=trust_code)
+        for param in self.adapter_state_dict(adapter_name).values():
+            param.requires_grad_(is_trainable)
+        if not is_trainable:
+            self.eval()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, model: nn.Module | None = None,
@@ -356,10 +303,8 @@ class HFModelMixin(PreTrainedModel, GenerationMixin):
 
         path = str(pretrained_model_name_or_path)
         if model is not None:
-            from graftr.formats import load_adapter
-
             return load_adapter(model, path, trust_code=trust_code).eval()
-        return load_for_inference(None, path, dtype=dtype, trust_code=trust_code).gm
+        return load_for_inference(None, path, dtype=dtype, trust_code=trust_code, cls=GraftedModel).gm
 
     # ---- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -465,6 +410,19 @@ class HFModelMixin(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         raise GraftrError("a grafted model generates with its own KV cache: call model.generate(...)")
+
+
+class GraftedModel(grafted.GraftedModel, HFModelMixin):
+    """A grafted model that is a ``transformers.PreTrainedModel`` (and ``GenerationMixin``) with the interface of
+    the HF class it was traced from: :func:`graftr.graft` and :func:`graftr.load_adapter` return one."""
+
+    def adopt_interface(self, model: nn.Module) -> None:
+        super().adopt_interface(model)
+        cls, hf_cls = type(self), type(model)
+        for name in _CLASS_ATTRIBUTES:
+            if hasattr(hf_cls, name):
+                setattr(cls, name, getattr(hf_cls, name))
+        self.loss_type = _loss_type(hf_cls.__name__)
 
 
 class HFDecoding:

@@ -27,12 +27,15 @@ class Loaded:
     manifest: dict | None  # the adapter's manifest
 
 
-def add_model_arguments(parser, *, adapter_required: bool) -> None:
-    """``--model``, ``--adapter`` and ``--dtype``, worded the same for every command."""
+def add_model_arguments(parser, *, adapter_required: bool, several: bool = False) -> None:
+    """``--model``, ``--adapter`` and ``--dtype``, worded the same for every command; ``several``: ``--adapter`` may
+    be repeated (a list, every adapter loaded into one model: :func:`load_adapters`)."""
     parser.add_argument("--model", help="base model: a directory with weights or a hub id in the local cache; "
-                                        "default: the base recorded in the adapter")
-    parser.add_argument("--adapter", required=adapter_required, help="a graftr adapter directory (from train or "
-                        "apply), or a PEFT adapter directory (LoRA/InA, IA3, AdaptionPrompt)")
+                                        "default: the base recorded in the (first) adapter")
+    parser.add_argument("--adapter", required=adapter_required, action="append" if several else "store",
+                        help="a graftr adapter directory (from train or apply), or a PEFT adapter directory "
+                        "(LoRA/InA, IA3, AdaptionPrompt)" + ("; repeat the flag to compare several adapters on one "
+                                                              "base (each is run alone)" if several else ""))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
     add_trust_argument(parser)
 
@@ -111,28 +114,31 @@ def _recorded_base(model_id: str, adapter: Path) -> str:
     return model_id  # a hub id (or a path that is nowhere: resolve says so)
 
 
-def graft_adapter(model: nn.Module, adapter: str, base: Base, *, round_trip: bool = False):
+def graft_adapter(model: nn.Module, adapter: str, base: Base, *, round_trip: bool = False, cls=None):
     """``model`` (the base, on the meta device or with weights) with the adapter in ``adapter`` grafted and its
-    tensors loaded: a ``GraftedModel`` whose ``model_id`` is the base used. An adapter whose recipe quantizes the
-    base gets it quantized, as in training (``round_trip``: dense weights equal to the quantized ones, for merging)."""
+    tensors loaded: a ``GraftedModel`` (a ``cls``, see :func:`graftr.grafted.prepare`) whose ``model_id`` is the base
+    used. An adapter whose recipe quantizes the base gets it quantized, as in training (``round_trip``: dense
+    weights equal to the quantized ones, for merging)."""
     from graftr.formats import load_adapter
 
-    gm = load_adapter(model, adapter, peft=base.peft is not None, round_trip=round_trip, trust_code=base.trust_code)
+    gm = load_adapter(model, adapter, peft=base.peft is not None, round_trip=round_trip, trust_code=base.trust_code,
+                      cls=cls)
     gm.model_id = base.source.model_id
     return gm
 
 
 def load_for_inference(model_arg: str | None, adapter: str | None, *, dtype: torch.dtype | None = None,
-                       console=None, trust_code: bool = False) -> Loaded:
-    """Resolve the base (``model_arg``, else the adapter's recorded base), load its weights, graft the adapter."""
+                       console=None, trust_code: bool = False, cls=None) -> Loaded:
+    """Resolve the base (``model_arg``, else the adapter's recorded base), load its weights, graft the adapter (the
+    model traced as a ``cls``: see :func:`graftr.grafted.prepare`)."""
     base = resolve_base(model_arg, adapter, weights=True, console=console, trust_code=trust_code)
-    return load_with_weights(base, adapter, dtype=dtype)
+    return load_with_weights(base, adapter, dtype=dtype, cls=cls)
 
 
 def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | None = None,
-                      round_trip: bool = False) -> Loaded:
+                      round_trip: bool = False, cls=None) -> Loaded:
     """Load ``base`` with its weights and graft ``adapter`` (None: the bare base, prepared), in eval mode
-    (``round_trip``: see :func:`graft_adapter`)."""
+    (``round_trip``: see :func:`graft_adapter`; ``cls``: the class to trace into, :func:`graftr.grafted.prepare`)."""
     from graftr.grafted import prepare
     from graftr.models import load_model
 
@@ -142,11 +148,29 @@ def load_with_weights(base: Base, adapter: str | None, *, dtype: torch.dtype | N
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     if adapter is None:
-        gm = prepare(model, model_id=base.source.model_id, task=base.task)
+        gm = prepare(model, model_id=base.source.model_id, task=base.task, cls=cls)
     else:
-        gm = graft_adapter(model, adapter, base, round_trip=round_trip)
+        gm = graft_adapter(model, adapter, base, round_trip=round_trip, cls=cls)
     gm.eval()
     return Loaded(base.source, model, gm, gm.recipe if adapter is not None else None, base.manifest)
+
+
+def load_adapters(model_arg: str | None, adapters: list[str] | None, *, dtype: torch.dtype | None = None,
+                  console=None, trust_code: bool = False) -> tuple[Loaded, dict[str, str]]:
+    """The base (``model_arg``, else the first adapter's recorded base) with every adapter in ``adapters`` loaded
+    into one model (:mod:`graftr.named`; each checked against the base): ``(loaded, {adapter path: adapter name})``,
+    the first adapter ``"default"`` and active, the others ``adapter2``, ``adapter3``, ... in the order given."""
+    from graftr.formats import load_adapter
+    from graftr.named import DEFAULT
+
+    adapters = list(dict.fromkeys(adapters or []))  # the same directory twice is one adapter
+    loaded = load_for_inference(model_arg, adapters[0] if adapters else None, dtype=dtype, console=console,
+                                trust_code=trust_code)
+    names = {path: DEFAULT if i == 0 else f"adapter{i + 1}" for i, path in enumerate(adapters)}
+    for path in adapters[1:]:
+        load_adapter(loaded.gm, path, adapter_name=names[path], trust_code=trust_code)
+    loaded.gm.eval()
+    return loaded, names
 
 
 def _trained_labels(manifest: dict | None, task: str) -> list[str] | None:

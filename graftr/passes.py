@@ -5,7 +5,8 @@
 rules that selected it. A dry run is this step alone (:func:`match` also returns the plan it tagged).
 :class:`RewritePass` reads the tags back (:func:`planned`), then walks the rules in recipe order, builds each
 adapter from its site, installs it as a submodule at ``<site path>.<rule name>`` (so its parameter
-names contain the site's module path) and inserts its nodes, tagging each with ``node.meta["graftr_rule"]``.
+names contain the site's module path; ``<rule name>@<adapter>`` for a named adapter, :mod:`graftr.named`) and
+inserts its nodes, tagging each with ``node.meta["graftr_rule"]``.
 The graph is linted after every rule; a failure names the rule.
 
 **Rule-level shared modules.** An adapter class may define ``shared_for_rule(config, sites, *, stack_size,
@@ -27,6 +28,7 @@ from torch import fx
 
 from graftr import fxmeta
 from graftr.errors import GraftrError, MatchError
+from graftr.named import DEFAULT, qualified
 from graftr.passbase import GraphPass, PassResult
 from graftr.registry import kind_of
 from graftr.sites import SiteIndex, stack_sizes
@@ -136,12 +138,13 @@ class MatchPass(GraphPass):
 
 class RewritePass(GraphPass):
     """Transform: insert the adapters of ``recipe`` at the sites :class:`MatchPass` tagged; ``plans`` holds what was
-    inserted, rule by rule."""
+    inserted, rule by rule. ``adapter`` names the adapter they belong to (:mod:`graftr.named`: a name other than
+    ``"default"`` installs them at ``<site path>.<rule>@<adapter>``)."""
 
     name = "rewrite"
 
-    def __init__(self, recipe):
-        self.recipe = recipe
+    def __init__(self, recipe, adapter: str = DEFAULT):
+        self.recipe, self.adapter = recipe, adapter
         self.plans: list[RulePlan] = []
 
     def requires(self, gm) -> None:
@@ -150,7 +153,7 @@ class RewritePass(GraphPass):
             raise RuntimeError(f"rewrite needs the match pass first: no site is tagged for rules {untagged}")
 
     def call(self, gm) -> PassResult:
-        self.plans = rewrite(gm, planned(gm.site_index, self.recipe))
+        self.plans = rewrite(gm, planned(gm.site_index, self.recipe), adapter=self.adapter)
         return PassResult(gm, True)
 
 
@@ -204,41 +207,45 @@ def _refuse_oversized(gm: fx.GraphModule, plans: list[RulePlan], sizes: dict[str
                               "smaller size")
 
 
-def _install_shared(gm: fx.GraphModule, plan: RulePlan, kind, sizes: dict[str, int]) -> dict[str | None, str]:
-    """Build and install the rule's shared module for each layer stack its sites are in: {stack prefix: path}."""
+def _install_shared(gm: fx.GraphModule, plan: RulePlan, kind, sizes: dict[str, int],
+                    name: str) -> dict[str | None, str]:
+    """Build and install the rule's shared module for each layer stack its sites are in, named ``name``:
+    {stack prefix: path}."""
     installed = {}
     for stack, sites in _by_stack(plan.sites).items():
         module = kind.module_cls.shared_for_rule(plan.rule.adapter, sites, stack_size=sizes.get(stack),
                                                  device=_device_for(gm, sites[0]))
         if module is None:
             continue
-        target = install_module(gm, f"{stack}.{plan.rule.name}" if stack else plan.rule.name, module)
+        target = install_module(gm, f"{stack}.{name}" if stack else name, module)
         installed[stack] = target
         plan.shared.append(target)
         plan.params_added += sum(p.numel() for p in module.parameters())
     return installed
 
 
-def rewrite(gm: fx.GraphModule, plans: list[RulePlan]) -> list[RulePlan]:
-    """Transform: insert every planned adapter, rule by rule, linting after each."""
+def rewrite(gm: fx.GraphModule, plans: list[RulePlan], *, adapter: str = DEFAULT) -> list[RulePlan]:
+    """Transform: insert every planned adapter, rule by rule, linting after each; the modules of ``adapter`` (a
+    named adapter) at ``<site path>.<rule>@<adapter>`` (:func:`graftr.named.qualified`)."""
     sizes = stack_sizes(n for n, _ in gm.named_parameters())
     _refuse_oversized(gm, plans, sizes)
     for plan in plans:
         kind = kind_of(plan.rule.adapter)
+        name = qualified(plan.rule.name, adapter)
         before = set(gm.graph.nodes)
-        shared = _install_shared(gm, plan, kind, sizes)
+        shared = _install_shared(gm, plan, kind, sizes, name)
         for site in plan.sites:
             stack = site.layer[0] if site.layer else None
             extra = {"shared": shared[stack]} if stack in shared else {}
             module = kind.module_cls.from_site(plan.rule.adapter, site, device=_device_for(gm, site), **extra)
-            target = install_module(gm, f"{site.path}.{plan.rule.name}", module)
+            target = install_module(gm, f"{site.path}.{name}", module)
             module.graft(gm.graph, site, target)
             site.adapters.append(target)
             plan.targets.append(target)
             plan.params_added += sum(p.numel() for p in module.parameters())
         for node in gm.graph.nodes:
             if node not in before:
-                fxmeta.tag_rule(node, plan.rule.name)
+                fxmeta.tag_rule(node, name)
         try:
             gm.graph.lint()
         except Exception as e:  # lint raises RuntimeError/AssertionError describing the bad node (and dumping the graph)

@@ -135,7 +135,8 @@ rules: [{name: ia3, match: {path: "model.layers.*.self_attn.v_proj"}, adapter: {
     record = gm.grafting
     assert (record.task, record.hf_class, record.input_names) == (
         "causal_lm", "LlamaForCausalLM", ["input_ids", "attention_mask", "position_ids"])
-    assert gm.plans is record.plans and gm.site_index is record.site_index and gm.recipe is record.recipe
+    assert gm.site_index is record.site_index and list(record.adapters) == ["default"]  # graft's adapter
+    assert gm.plans == record.adapters["default"].plans and gm.recipe is record.adapters["default"].recipe
     gm.model_id = "elsewhere"  # the attributes read and set the record
     assert record.model_id == "elsewhere"
     outline_layers(gm)

@@ -102,6 +102,23 @@ def test_eval_tasks_on_the_base_alone(adapters, capsys, monkeypatch, tmp_path):
     assert saved["graftr"]["adapter"] is None and "acc,none" in saved["results"]["tiny_mc"]
 
 
+def test_eval_tasks_on_several_adapters_evaluates_each_alone(adapters, capsys, monkeypatch, tmp_path):
+    """Several --adapter: one base, each adapter evaluated in turn (graftr.named), its table under its path and its
+    results beside it, equal to the adapter's own run."""
+    base = ["--model", str(adapters / "base"), "--limit", "4"]
+    alone = {}
+    for name in ("ia3", "gated"):
+        run_eval(capsys, monkeypatch, [*base, "--adapter", str(adapters / name), "--out", str(tmp_path / name)])
+        alone[name] = json.loads((tmp_path / name).read_text())["results"]
+    out = run_eval(capsys, monkeypatch, [*base, "--adapter", str(adapters / "ia3"), "--adapter", str(adapters / "gated")])
+    for name in ("ia3", "gated"):
+        assert f"=== {adapters / name}" in out
+        assert json.loads((adapters / f"{name}.lm_eval.json").read_text())["results"] == alone[name]
+    assert "--out names one results file" in cli_error(capsys, ["eval", "--tasks", "tiny_mc", *base, "--adapter",
+                                                                str(adapters / "ia3"), "--adapter",
+                                                                str(adapters / "gated"), "--out", "x.json"])
+
+
 def test_eval_tasks_errors_are_one_line(adapters, capsys, monkeypatch, tmp_path):
     """A hub dataset missing from the offline cache is reported before any weight is read; misused flags too."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,6 +8,12 @@ Two shapes cover the linear kinds:
 
 Several rules on one site compose in recipe order: each output adapter receives the output left by the previous
 one, and reads the input the base op currently sees. Attention kinds override :meth:`Adapter.graft`.
+
+An adapter can be switched off (an inactive named adapter, ``disable_adapter()``: :mod:`graftr.named`): its node then
+returns the value its site would have without it (:meth:`Adapter.passthrough`), and deleting it rewires the graph
+the same way (:meth:`Adapter.detach`). A kind whose node returns one of its arguments unchanged when absent names
+that argument (:attr:`Adapter.identity_arg`: the output ``y`` of an output adapter, the input ``x`` of an input
+adapter, the attention output of a gated prompt); others override both methods, or cannot be switched off.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from graftr import fxmeta
-from graftr.errors import MergeError
+from graftr.errors import GraftrError, MergeError
 
 
 def full_shape(p: torch.Tensor) -> torch.Size:
@@ -37,6 +43,39 @@ class Adapter(nn.Module):
     config_cls: ClassVar[type]
     peft_type: ClassVar[str | None] = None  # the PEFT type (adapter_config.json's peft_type) this kind reads/writes
     peft_refusal: ClassVar[str | None] = None  # why graftr export --format peft refuses this kind (one line)
+    identity_arg: ClassVar[int | None] = None  # the argument of its node that is the site's value without it
+    graftr_off: bool = False  # set by graftr.named: the node returns passthrough(...) instead of computing
+
+    def __call__(self, *args, **kwargs):
+        if self.graftr_off:  # an inactive or disabled adapter: its site as if it were absent (no hooks, no compute)
+            return self.passthrough(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def passthrough(self, *args, **kwargs):
+        """What this adapter's node gives while the adapter is off: the value its site has without it."""
+        return args[self.identity_arg]
+
+    def passthrough_refusal(self) -> str | None:
+        """Why this adapter cannot be switched off (one line), else None."""
+        if self.identity_arg is None and type(self).passthrough is Adapter.passthrough:
+            return f"the {self.kind} kind defines no passthrough (graftr.adapters.base.Adapter.identity_arg)"
+        return None
+
+    def detach_refusal(self) -> str | None:
+        """Why this adapter's node cannot be removed from the graph (one line), else None."""
+        if self.identity_arg is None and type(self).detach is Adapter.detach:
+            return f"{self.kind} adapters cannot be removed from the graph (switch them off instead)"
+        return None
+
+    def detach(self, graph: fx.Graph, node: fx.Node) -> dict[fx.Node, fx.Node]:
+        """Remove this adapter's ``node`` from ``graph``, its site left as if it had never been grafted; returns
+        ``{removed node: the node now in its place}``."""
+        if (reason := self.detach_refusal()) is not None:
+            raise GraftrError(reason)
+        keep = node.args[self.identity_arg]
+        node.replace_all_uses_with(keep)
+        graph.erase_node(node)
+        return {node: keep}
 
     @classmethod
     def from_peft(cls, model, config: dict, tensors: dict, where: str):
@@ -82,6 +121,7 @@ def _tag(new: fx.Node, like: fx.Node, target: str, cls_name: str) -> None:
 class LinearAdapter(Adapter):
     position: ClassVar[str] = "output"  # or "input"
     is_scaling: ClassVar[bool] = False  # True if the adapter only rescales (y' = y ⊙ l); a branch reads x
+    identity_arg: ClassVar[int] = -1  # an output adapter's y, an input adapter's x
 
     def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
         if self.position == "input":

@@ -65,6 +65,7 @@ class GatedPrompt(Adapter):
     """The per-site module of ``gated_prompt`` (``mode: gated``): ``O_tok + gate · softmax(S_p) · V_p``."""
 
     peft_type = "ADAPTION_PROMPT"
+    identity_arg = 0  # off, the node returns O_tok, the attention output it received
 
     @classmethod
     def from_peft(cls, model, config: dict, tensors: dict, where: str):
@@ -238,6 +239,17 @@ class PrefixPrompt(GatedPrompt):
             site.node.args = (site.query, *parts)
             site.key, site.value, site.mask = parts
         return [new, *parts]
+
+    identity_arg = None  # off, it returns the keys (scores), values and mask it received: see passthrough
+
+    def passthrough(self, q, keys_or_scores, values, mask, *rest):
+        """The attention's own inputs. On an SDPA site that was causal, the call lost ``is_causal`` when the prompt
+        was grafted, so the causal mask comes explicitly (equal to the base up to SDPA's kernel choice)."""
+        if self.form == "eager":
+            return keys_or_scores, values
+        if mask is None and self.causal:
+            mask = torch.ones(q.shape[-2], keys_or_scores.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return keys_or_scores, values, mask
 
     def forward(self, q, keys_or_scores, values, mask, wk, bk, wv, bv, prompt=None):
         keys, vals = self.prompt_kv(self.prompt if prompt is None else prompt, wk, bk, wv, bv)

@@ -37,8 +37,11 @@ def is_peft(path) -> bool:
     return peft_adapter_config(Path(path)) is not None
 
 
-def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = False, trust_code: bool = False):
-    """Graft ``model`` with the adapter in ``path`` and load its tensors; returns the :class:`GraftedModel`.
+def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = False, trust_code: bool = False,
+                 adapter_name: str = "default", cls=None):
+    """Graft ``model`` with the adapter in ``path`` as the adapter ``adapter_name`` and load its tensors; returns
+    the :class:`GraftedModel` (a model traced here is a ``cls``: see :func:`graftr.grafted.prepare`). On a model
+    that holds adapters already it becomes one more, inactive (:mod:`graftr.named`).
 
     ``path`` is a graftr adapter directory, a run directory of ``graftr train`` (its ``adapter/`` is read), or an HF
     PEFT adapter directory, which :func:`graftr.formats.peft.import_peft` translates. ``peft`` says which, when the
@@ -48,11 +51,15 @@ def load_adapter(model, path, *, peft: bool | None = None, round_trip: bool = Fa
     ``trust_code``: a graftr adapter whose recipe imports a user kind module saved beside it imports that module
     (code you trust, as transformers' ``trust_remote_code``); by default an adapter directory runs no code."""
     from graftr.formats import graftr as native
-    from graftr.formats.peft import import_peft
+    from graftr.formats.peft import import_peft, import_peft_named
 
     path = native.adapter_dir(path)
 
     if peft is None:
         peft = is_peft(path)
-    return import_peft(model, path) if peft else native.load_adapter(model, path, round_trip=round_trip,
-                                                                                   trust_code=trust_code)
+    if not peft:
+        return native.load_adapter(model, path, round_trip=round_trip, trust_code=trust_code,
+                                   adapter_name=adapter_name, cls=cls)
+    if adapter_name == "default" and not getattr(getattr(model, "grafting", None), "adapters", None):
+        return import_peft(model, path, cls=cls)
+    return import_peft_named(model, path, adapter_name)

@@ -71,24 +71,34 @@ def _versions() -> dict[str, str]:
     return {pkg: version(pkg) for pkg in ("graftr", "torch", "transformers")}
 
 
-def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
-                 force: bool = False) -> Path:
-    """Save ``gm``'s trainable tensors, resolved recipe and manifest to ``out_dir`` (atomically).
+def save_adapter(gm, out_dir, *, adapter: str | None = None, extra: dict | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None, force: bool = False) -> Path:
+    """Save the tensors, resolved recipe and manifest of ``gm``'s adapter ``adapter`` (default: its only one) to
+    ``out_dir`` (atomically). A named adapter is written as it would be alone: its tensors under their plain names
+    (:func:`graftr.named.plain_name`), an ordinary adapter directory.
 
-    ``tensors`` replaces the values read from ``gm`` (same names and shapes): the training loop passes the full fp32
-    tensors it gathered from DeepSpeed, whose module parameters may be ZeRO-3 partitions or bf16 copies.
+    ``tensors`` replaces the values read from ``gm`` (same names and shapes, the model's names): the training loop
+    passes the full fp32 tensors it gathered from DeepSpeed, whose module parameters may be ZeRO-3 partitions or
+    bf16 copies.
     """
+    from graftr.named import named, plain_name
     from graftr.recipe import dump_recipe
 
-    if gm.recipe is None:
+    if not gm.grafting.adapters:
         raise GraftrError("the model has no adapters to save")
-    state = gm.adapter_state_dict()
+    if adapter is None:
+        if len(gm.grafting.adapters) > 1:
+            raise GraftrError(f"the model holds the adapters {', '.join(gm.grafting.adapters)}; name the one to save")
+        adapter = next(iter(gm.grafting.adapters))
+    recipe = named(gm, adapter).recipe
+    state = gm.adapter_state_dict(adapter)
     if tensors is not None:
         if sorted(tensors) != sorted(state):
-            raise GraftrError(f"the tensors to save are not the model's trainable tensors "
-                              f"({len(tensors)} given, {len(state)} trainable)")
+            raise GraftrError(f"the tensors to save are not the adapter's tensors "
+                              f"({len(tensors)} given, {len(state)} in adapter {adapter!r})")
         state = tensors
-    tensors = real_tensors(state, lambda name: f"cannot save {name}: the base model was built without weights; "
+    tensors = real_tensors({plain_name(n, adapter): t for n, t in state.items()},
+                           lambda name: f"cannot save {name}: the base model was built without weights; "
                            "load real weights to save trainable base modules")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
@@ -98,13 +108,13 @@ def save_adapter(gm, out_dir, *, extra: dict | None = None, tensors: dict[str, t
         **(extra or {}),
     }
 
-    modules = _user_modules(gm.recipe)
+    modules = _user_modules(recipe)
 
     def write(tmp: Path) -> None:
         for name, file in modules.items():  # a user kind's module travels with the adapter
             shutil.copyfile(file, tmp / name)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
-        (tmp / RECIPE).write_text(dump_recipe(gm.recipe))
+        (tmp / RECIPE).write_text(dump_recipe(recipe))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
     write_dir_atomically(Path(out_dir), write, marker=MANIFEST, force=force)
@@ -160,11 +170,16 @@ def check_made_for(manifest: dict, config, where: str, model_id: str) -> None:
     check_base(manifest, config, where)
 
 
-def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy ``tensors`` into ``gm``'s trainable parameters; every one must be present with the right shape."""
+def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str, *, adapter: str | None = None) -> None:
+    """Copy ``tensors`` into ``gm``'s trainable parameters, or with ``adapter`` into that adapter's, ``tensors``
+    then named as the adapter saved alone names them; every one must be present with the right shape."""
     from graftr.materialize import replace_parameter
+    from graftr.named import plain_name
 
-    expected = gm.adapter_state_dict()
+    if adapter is None:
+        expected = gm.adapter_state_dict()
+    else:
+        expected = {plain_name(n, adapter): p for n, p in gm.adapter_state_dict(adapter).items()}
     check_fit({n: p.shape for n, p in expected.items()}, {n: t.shape for n, t in tensors.items()}, where=where,
               target="the model")
     with torch.no_grad():
@@ -176,8 +191,10 @@ def load_state_into(gm, tensors: dict[str, torch.Tensor], where: str) -> None:
                 param.copy_(src.to(dtype=param.dtype, device=param.device))
 
 
-def load_adapter(model, path, *, round_trip: bool = False, trust_code: bool = False):
-    """Graft ``model`` with the graftr adapter's recipe and load its tensors. Returns the :class:`GraftedModel`.
+def load_adapter(model, path, *, round_trip: bool = False, trust_code: bool = False, adapter_name: str = "default",
+                 cls=None):
+    """Graft ``model`` with the graftr adapter's recipe as the adapter ``adapter_name`` and load its tensors.
+    Returns the :class:`GraftedModel` (a model traced here is a ``cls``, see :func:`graftr.grafted.prepare`).
     ``round_trip``: see :func:`graftr.graft` (a quantizing recipe's base kept dense, for merging).
     ``trust_code``: import the user kind modules saved beside the adapter (its recipe's ``imports:``); without it
     an adapter directory is data and only installed modules are imported.
@@ -193,6 +210,7 @@ def load_adapter(model, path, *, round_trip: bool = False, trust_code: bool = Fa
             raise AdapterLoadError(f"{path} is incomplete: {f} is missing")
     check_base(manifest, model.hf_config if isinstance(model, GraftedModel) else model.config, str(path))
     recipe = load_recipe(path / RECIPE, local_imports=trust_code)  # data: no code from beside it, unless trusted
-    gm = graft(model, recipe, model_id=manifest.get("base_model"), round_trip=round_trip)
-    load_state_into(gm, read_safetensors(path / TENSORS), str(path))
+    gm = graft(model, recipe, model_id=manifest.get("base_model"), round_trip=round_trip, adapter_name=adapter_name,
+               cls=cls)
+    load_state_into(gm, read_safetensors(path / TENSORS), str(path), adapter=adapter_name)
     return gm

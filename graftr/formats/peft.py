@@ -50,9 +50,10 @@ _OFF = (None, False, "none")
 
 
 # ---- entry points ------------------------------------------------------------------------------------------------
-def import_peft(model, path) -> GraftedModel:
-    """Graft ``model`` (an HF model, or a :func:`graftr.prepare`-d one) as the PEFT adapter in ``path`` says, and
-    load its tensors. Every tensor must map to a parameter of the right shape, and every parameter must get one."""
+def import_peft(model, path, *, cls=None) -> GraftedModel:
+    """Graft ``model`` (an HF model, traced here as a ``cls``, see :func:`graftr.grafted.prepare`; or a
+    :func:`graftr.prepare`-d one) as the PEFT adapter in ``path`` says, and load its tensors. Every tensor must map
+    to a parameter of the right shape, and every parameter must get one."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterLoadError(f"adapter directory {path} does not exist")
@@ -62,15 +63,37 @@ def import_peft(model, path) -> GraftedModel:
     if kind is None:
         raise GraftrError(f"{path / CONFIG}: PEFT type {config.get('peft_type')!r} cannot be imported; graftr reads "
                           f"{', '.join(sorted(importers))}")
-    if isinstance(model, GraftedModel) and model.recipe is not None:
+    if isinstance(model, GraftedModel) and model.grafting.adapters:
         raise GraftrError("import_peft needs the base model (or a prepared one), not a model that is already grafted")
-    return kind.from_peft(model, config, _read_tensors(path), str(path))
+    gm, _ = prepare_for_import(model, config, cls=cls)
+    return kind.from_peft(gm, config, _read_tensors(path), str(path))
+
+
+def import_peft_named(gm: GraftedModel, path, adapter_name: str) -> GraftedModel:
+    """Add the PEFT adapter in ``path`` to ``gm`` as the named adapter ``adapter_name`` (:mod:`graftr.named`): it is
+    translated on ``gm``'s base built on the meta device (no weights: a second trace, not a copy) into a recipe and
+    tensors, which are grafted and loaded like a graftr adapter's."""
+    from graftr.formats.graftr import load_state_into
+    from graftr.grafted import graft
+    from graftr.models import build_model
+
+    if not isinstance(gm, GraftedModel):
+        raise GraftrError(f"adapter {adapter_name!r}: a PEFT adapter is loaded under a name into a grafted model")
+    num_labels = gm.hf_config.num_labels if gm.task in CLASSIFICATION_TASKS else None
+    translated = import_peft(build_model(gm.hf_config, gm.task, device="meta", num_labels=num_labels), path)
+    tensors = translated.adapter_state_dict()
+    graft(gm, translated.recipe, adapter_name=adapter_name)
+    load_state_into(gm, tensors, str(path), adapter=adapter_name)
+    return gm
 
 
 def export_peft(gm: GraftedModel, out_dir, *, force: bool = False) -> Path:
     """Write ``gm``'s adapters in PEFT's format to ``out_dir`` (atomically). All adapters must be of one kind that
     has a PEFT equivalent: ``ina`` → LoRA (+ ``lora_inhibition``), ``ia3`` → IA3, ``gated_prompt`` →
     AdaptionPrompt (each exporter refuses, with the reason, what PEFT's type cannot express)."""
+    if len(gm.grafting.adapters) > 1:
+        raise GraftrError(f"PEFT's format holds one adapter; this model holds {', '.join(gm.grafting.adapters)}: "
+                          "save them (save_pretrained) and export each directory")
     used = {kind.name: kind.module_cls for kind in (kind_of(plan.rule.adapter) for plan in gm.plans)}
     kinds = sorted(used)
     for kind in kinds:  # a kind that says why PEFT cannot hold it
@@ -200,10 +223,11 @@ def trainable_module_paths(gm: GraftedModel) -> list[str]:
     return [n for n in found if not any(n.startswith(f"{outer}.") for outer in found)]
 
 
-def prepare_for_import(model, config: dict) -> tuple[GraftedModel, list[str]]:
-    """The prepared base (task from ``task_type``, id from ``base_model_name_or_path``) and its modules_to_save."""
+def prepare_for_import(model, config: dict, *, cls=None) -> tuple[GraftedModel, list[str]]:
+    """The prepared base (task from ``task_type``, id from ``base_model_name_or_path``; traced as a ``cls``) and its
+    modules_to_save."""
     model_id = config.get("base_model_name_or_path")
-    gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id,
+    gm = model if isinstance(model, GraftedModel) else prepare(model, model_id=model_id, cls=cls,
                                                                task=FROM_TASK_TYPE.get(config.get("task_type")))
     return gm, modules_to_save(config, [n for n, _ in gm.named_modules() if n])
 
@@ -230,14 +254,10 @@ def peft_targets(model, gm: GraftedModel, config: dict, saved: list[str], where:
     names = [n for n, _ in gm.named_modules() if n and not peft_selects(excluded, n)
              and not any(n == m or n.startswith(f"{m}.") for m in saved)]
     if isinstance(spec, str) and spec.lower() == "all-linear":  # PEFT: every linear layer but the output layer
-        if not hasattr(model, "get_output_embeddings"):
-            raise GraftrError(f"{where}: target_modules 'all-linear' needs the HF model (to leave out its output "
-                              "layer), not a prepared one")
-        head = model.get_output_embeddings()
+        head = gm.graftr_embeddings.get("output")  # recorded from the HF model's get_output_embeddings()
         if head is None and config.get("task_type") == "SEQ_CLS":
-            head = next((getattr(model, h) for h in _HEAD_NAMES if hasattr(model, h)), None)
-        skip = {n for n, m in model.named_modules() if m is head}
-        return {n for n in names if n in sites and n not in skip}
+            head = next((h for h in _HEAD_NAMES if hasattr(gm, h)), None)
+        return {n for n in names if n in sites and n != head}
     selected = {n for n in names if peft_selects(spec, n)}
     layers = config.get("layers_to_transform")
     if layers is not None and layers != [] and not isinstance(spec, str):
