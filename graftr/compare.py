@@ -403,6 +403,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--only", help="comma-separated method names to run (the others are left out)")
     parser.add_argument("overrides", nargs="*", metavar="train.KEY=VALUE",
                         help="train: fields for every method, e.g. train.max_steps=10")
+    from graftr.cliargs import collect_overrides
+
+    collect_overrides(parser)  # the overrides may follow --seeds/--only/--out too
 
 
 def _select(spec: Comparison, seeds: str | None, only: str | None) -> Comparison:

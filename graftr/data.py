@@ -347,6 +347,9 @@ def _answers(encode: Callable, where: str, ds: datasets.Dataset, cfg: DataConfig
     if task != "causal_lm" or cfg.format not in ("alpaca", "chat"):
         raise GraftrError(f"train.data.eval_metric {metric} scores the answers of alpaca or chat data on a causal_lm "
                           f"model, not {cfg.format} data on a {task} model")
+    if metric == "exact_match" and cfg.image_column is not None:
+        raise GraftrError("train.data.eval_metric exact_match generates answers from text prompts; with "
+                          "image_column use choice (a choices column) or none")
     rows = [dict(row) for row in ds]
     references = [_reference(row, cfg, f"example {i} of {where}") for i, row in enumerate(rows)]
     prompts = []

@@ -154,28 +154,35 @@ def _answer_room(tokenizer, answers) -> int:
 
 
 def greedy_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded in batches), decoded without special tokens. A grafted
-    model generates with graftr's KV cache (recomputing when its layers are outlined); others with ``generate``."""
+    """Greedy continuations of token-id prompts (left-padded in batches), decoded without special tokens; never past
+    the model's positions (a batch whose prompts fill them answers ""). A grafted model generates with graftr's KV
+    cache (recomputing when its layers are outlined); others with ``generate``."""
     from graftr.grafted import GraftedModel
 
     inner = getattr(model, "module", model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    limit = getattr(inner, "graftr_max_positions", None) or getattr(getattr(inner, "config", None),
+                                                                      "max_position_embeddings", None)
     texts = []
     for start in range(0, len(prompts), batch_size):
         rows = prompts[start:start + batch_size]
         width = max(len(r) for r in rows)
+        new = min(max_new_tokens, limit - width) if limit else max_new_tokens
+        if new < 1:
+            texts += [""] * len(rows)
+            continue
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
         if isinstance(inner, GraftedModel):
             from graftr.generate import eos_ids, generate_ids
 
-            tokens = generate_ids(inner, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(inner, tokenizer),
+            tokens = generate_ids(inner, ids, mask, max_new_tokens=new, eos_token_ids=eos_ids(inner, tokenizer),
                                   pad_token_id=pad, use_cache=not inner.graftr_outlined).tokens
         else:
             eos = {tokenizer.eos_token_id, *_listed(getattr(getattr(inner, "generation_config", None),
                                                                "eos_token_id", None))} - {None}
-            tokens = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            tokens = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                     do_sample=False, eos_token_id=sorted(eos), pad_token_id=pad)[:, width:]
         texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return texts
@@ -205,7 +212,7 @@ def add_arguments(parser) -> None:
     from graftr import harness
     from graftr.load import add_model_arguments
 
-    add_model_arguments(parser, adapter_required=False)
+    add_model_arguments(parser, adapter_required=False, several=True)
     parser.add_argument("--data", help="a data file, a directory of split files or a hub dataset (needs --adapter)")
     parser.add_argument("--split", help="the split to evaluate (default: the recipe's eval split)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
@@ -243,7 +250,7 @@ def main(args) -> int:
 
     from graftr.console import console
     from graftr.data import Collator, build_datasets
-    from graftr.load import load_for_inference
+    from graftr.load import load_adapters
     from graftr.names import torch_dtype
     from graftr.models import load_tokenizer
     from graftr.vision import processor_for
@@ -268,36 +275,42 @@ def main(args) -> int:
         raise GraftrError("--data evaluates an adapter: pass --adapter (or use --tasks to evaluate the base alone)")
     if args.batch_size < 1:
         raise GraftrError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_for_inference(args.model, args.adapter, dtype=torch_dtype(args.dtype), console=console,
-                                trust_code=args.trust_code)
-    cfg = data_config(loaded.recipe, args.overrides, args.split)
-    if cfg.eval_split is None:
-        raise GraftrError("the data settings name no eval split (eval_split: null); pass --split")
+    # several --adapter: one base, every adapter loaded into it (graftr.named), each evaluated alone in turn
+    loaded, adapters = load_adapters(args.model, args.adapter, dtype=torch_dtype(args.dtype), console=console,
+                                     trust_code=args.trust_code)
+    gm = loaded.gm
     tokenizer = load_tokenizer(loaded.source)
-    train = loaded.recipe.train if loaded.recipe is not None else None
-    seed = train.get("seed", 0) if isinstance(train, dict) else getattr(train, "seed", 0)
-    # Only the eval split is tokenized; without recorded class names the train split's labels count too, as in training.
-    names = _label_names(loaded.gm.hf_config) if loaded.gm.task == "seq_cls" else None
-    _, eval_set, info = build_datasets(args.data, cfg, tokenizer, task=loaded.gm.task, seed=seed, label_names=names,
-                                       eval_only=True)
-    if eval_set is None:
-        raise GraftrError(f"{args.data} has no split '{cfg.eval_split}'; pass --split")
-    for note in info.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    collator = Collator(tokenizer, image_processor=processor_for(loaded.gm))
-    loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, collate_fn=collator)
-    answers = info.answers
-    metrics = {}
-    if answers is None or answers.metric != "choice":  # a choice set gives the split's loss too (answer_metric)
-        metrics = evaluate(loaded.gm, loader)
-    if answers is not None:
-        metrics.update(answer_metric(loaded.gm, answers, collator, tokenizer, batch_size=args.batch_size))
-    table = Table(title=f"{args.adapter} on {cfg.eval_split} of {args.data}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
-    console.print(table)
+    for adapter, name in adapters.items():
+        gm.set_adapter(name, inference_mode=True)
+        recipe = gm.recipes[name]
+        cfg = data_config(recipe, args.overrides, args.split)
+        if cfg.eval_split is None:
+            raise GraftrError("the data settings name no eval split (eval_split: null); pass --split")
+        train = recipe.train
+        seed = train.get("seed", 0) if isinstance(train, dict) else getattr(train, "seed", 0)
+        # Only the eval split is tokenized; without recorded class names the train split's labels count too, as in
+        # training.
+        names = _label_names(gm.hf_config) if gm.task == "seq_cls" else None
+        _, eval_set, info = build_datasets(args.data, cfg, tokenizer, task=gm.task, seed=seed, label_names=names,
+                                           eval_only=True)
+        if eval_set is None:
+            raise GraftrError(f"{args.data} has no split '{cfg.eval_split}'; pass --split")
+        for note in info.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        collator = Collator(tokenizer, image_processor=processor_for(gm))
+        loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, collate_fn=collator)
+        answers = info.answers
+        metrics = {}
+        if answers is None or answers.metric != "choice":  # a choice set gives the split's loss too (answer_metric)
+            metrics = evaluate(gm, loader)
+        if answers is not None:
+            metrics.update(answer_metric(gm, answers, collator, tokenizer, batch_size=args.batch_size))
+        table = Table(title=f"{adapter} on {cfg.eval_split} of {args.data}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for metric, value in metrics.items():
+            table.add_row(metric, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+        console.print(table)
     return 0
 
 

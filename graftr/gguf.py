@@ -50,9 +50,12 @@ def find_gguf(directory: Path) -> Path | None:
 
 
 def _target(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "models" / f"{path.stem}-{key}"
+    """The cache directory of a GGUF file: its real path's name and a key of its real path, size and modification
+    time (a link to a converted file reuses the conversion; a replaced file is converted again)."""
+    real = path.resolve()
+    stat = real.stat()
+    key = hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{real.stem}-{key}"
 
 
 def cached(path: Path) -> Path | None:

@@ -119,6 +119,8 @@ def test_bad_comparisons_are_one_line_errors(setup, capsys, tmp_path):
     assert "--only: no method named 'nope'" in cli_error(capsys, ["compare", str(good), "--only", "nope"])
     assert "graftr compare takes train.KEY=VALUE overrides" in \
         cli_error(capsys, ["compare", str(good), "rules.0.name=x"])
+    assert "graftr compare takes train.KEY=VALUE overrides" in \
+        cli_error(capsys, ["compare", str(good), "--only", "graftr IA3", "rules.0.name=x"])  # after an option too
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -443,3 +443,28 @@ def test_task_and_format_errors(tmp_path, bpe, minilm):
 def test_config_validation(options, message):
     with pytest.raises(pydantic.ValidationError, match=message):
         DataConfig(**options)
+
+
+def test_the_shipped_task_data_is_what_its_writer_writes():
+    """data/sentiment_instruct and data/dates are tools/make_task_data.py's output: rows with checkable answers, a
+    held-out split whose dates never occur in training, every answer among its row's choices."""
+    import datetime
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "tools"))
+    import make_task_data
+
+    def read(folder, split):
+        return [json.loads(line) for line in (repo / "data" / folder / f"{split}.jsonl").read_text().splitlines()]
+
+    for split in ("train", "validation"):
+        rows = read("sentiment_instruct", split)
+        assert rows == make_task_data.sentiment(split) and len(rows) == {"train": 400, "validation": 100}[split]
+        assert all(r["messages"][-1]["content"] in r["choices"] for r in rows)
+    dates = make_task_data.dates()
+    assert {split: read("dates", split) for split in dates} == dates
+    answers = {split: {r["messages"][-1]["content"] for r in rows} for split, rows in dates.items()}
+    assert len(answers["train"]) == 400 and len(answers["validation"]) == 100 and not answers["train"] & answers["validation"]
+    for answer in answers["validation"]:
+        assert datetime.date.fromisoformat(answer).isoformat() == answer

@@ -57,7 +57,7 @@ def test_the_plan_covers_every_document_with_commands():
     docs = {doc for doc, _ in planned()}
     assert {"README.md", "docs/training.md", "docs/after_training.md", "docs/recipes.md"} <= docs
     readme = [command for doc, command in planned() if doc == "README.md"]
-    assert readme[0].startswith("graftr train recipes/minilm_sst2_ia3.yaml") and len(readme) == 6
+    assert readme[0].startswith("graftr train recipes/llama_adapter.yaml --model smollm2") and len(readme) == 7
 
 
 @pytest.mark.slow  # every documented command: ~25 graftr runs, several minutes on two cores
@@ -70,3 +70,4 @@ def test_every_documented_command_runs(tmp_path):
                               timeout=900)
         assert done.returncode == 0, f"{doc}: {command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert (copy / "runs" / "demo" / "loss.png").is_file() and (copy / "runs" / "compare.png").is_file()
+    assert (copy / "runs" / "smollm2" / "loss.png").is_file()  # the README's first command: the real LLM

@@ -298,3 +298,16 @@ def test_cli_eval_prints_the_answer_metric(answers_set, language_model, capsys):
     assert set(shown) >= {"loss", "perplexity", "accuracy"} and 0 <= float(shown["accuracy"]) <= 1
     assert cli.main([*argv, "data.eval_metric=exact_match"]) == 0
     assert "exact_match" in table_values(capsys.readouterr().out)
+
+
+def test_greedy_answers_stop_at_the_models_positions(language_model):
+    """A held-out prompt near the model's last position gets what room is left; one that fills them answers ""."""
+    from graftr.evaluate import greedy_answers
+
+    _, gm = language_model
+    tok = tokenizer()
+    limit = gm.graftr_max_positions
+    word = tok("cat", add_special_tokens=False)["input_ids"][0]
+    almost, full = [word] * (limit - 1), [word] * limit
+    texts = greedy_answers(gm, tok, [almost, full], max_new_tokens=8, batch_size=1)
+    assert texts[1] == "" and len(tok(texts[0], add_special_tokens=False)["input_ids"]) <= 1

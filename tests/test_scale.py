@@ -339,7 +339,9 @@ def test_estimate_counts_from_the_config_alone(root, capsys):
 def test_the_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
     """graftr train prints graftr estimate's line at start and the measured peak at the end; on a model whose
     weights and activations are large beside the process's own memory the two agree within 25 %, with and without
-    checkpointing."""
+    checkpointing. The runs return freed memory (``train.return_freed_memory=always``), so the resident peak is the
+    memory in use; with glibc's defaults (what ``auto`` keeps for a run this small) freed blocks stay in the heap and
+    the resident peak is up to ~1.5x the estimate here."""
     import json
 
     from test_train import graftr_train
@@ -352,7 +354,7 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
                  "data: {format: text, packing: true, max_length: 256, eval_split: null}")
     for mode in ("none", "layers"):
         log = graftr_train(rec, "--model", str(tmp_path / "mid"), "--data", data, "--out", str(tmp_path / mode),
-                           f"train.activation_checkpointing={mode}", cwd=tmp_path)
+                           f"train.activation_checkpointing={mode}", "train.return_freed_memory=always", cwd=tmp_path)
         assert f"with checkpointing {mode}, loss workspace" in log and "; estimated " in log
         training = json.loads((tmp_path / mode / "adapter" / "manifest.json").read_text())["training"]
         measured, estimated = training["peak_memory"][0], training["memory_estimate"]

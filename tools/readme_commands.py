@@ -22,7 +22,7 @@ DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 _BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _HEREDOC = re.compile(r"<<-?\s*'?\"?(\w+)'?\"?")
 # the one set-up prefix of the README's first block: a fresh venv and the install (a test runs in one already)
-SETUP = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install [^&]*&& pip install [^&]*&& ")
+SETUP = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && (pip install [^&]*&& )+")
 # commands that cannot run on a machine without GPUs, a second node or hub weights, and why
 SKIP = [
     (re.compile(r"shared/fixtures|ina-cola"), "the published InA fixture lies outside the repository (tests/"
@@ -43,6 +43,12 @@ SKIP = [
     (re.compile(r"^graftr merge runs/after/prompt/adapter"), "shows the refusal to merge attention adapters (its "
                                                              "error is printed below it; tests/test_merge.py checks it)"),
     (re.compile(r"^python -m pytest"), "the test suite itself"),
+    (re.compile(r"^graftr compare comparisons/\S+ --out "), "a whole comparison (three seeds of every method: 20 "
+                                                             "minutes to hours of CPU): docs/results.md reports its runs"),
+    (re.compile(r"^python tools/(train_bench|memory_options)\.py"), "a benchmark (minutes to an hour of CPU): docs/benchmarks.md reports "
+                                                    "its runs"),
+    (re.compile(r"^python tools/make_task_data\.py"), "rewrites the shipped data files (tests/test_real_llm.py "
+                                                       "checks they are what it writes)"),
     (re.compile(r"^(graftr (train|merge|generate|eval)\b).*--model meta-llama/"), "needs the Llama-2-7B weights"),
     (re.compile(r"\.\./shared/fixtures|/work/shared/fixtures"), "reads the published InA fixture outside the repository"),
 ]

@@ -39,9 +39,9 @@ def init_distributed() -> tuple[int, int, int]:
 
     Returns ``(rank, world size, local rank)``. Call it before anything imports DeepSpeed's accelerator: it says
     ``DS_ACCELERATOR=cpu`` on a machine without CUDA, which spares DeepSpeed its probe and warning."""
-    if not launched():
+    if not launched():  # port 0: the store binds a port the kernel picks, so two runs never race for one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # said explicitly, DeepSpeed skips its accelerator probe and warning
     import deepspeed

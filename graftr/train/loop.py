@@ -160,13 +160,19 @@ def estimate_memory(run: Run, recipe, data: Data) -> None:
     if not run.main or isinstance(recipe, PeftBaseline):  # a PEFT model is not graftr's to count
         return
     try:
-        est = estimate(recipe, data.source.model_id, run.world, seq_len=min(data.longest, run.cfg.data.max_length))
+        est = estimate(recipe, data.source.model_id, run.world, seq_len=longest_batch(data.longest, run.cfg.data))
     except Exception as e:  # noqa: BLE001 -- informational: a bad model or recipe fails below with its own error
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         run.say(f"[dim]memory estimate not available: {reason}[/]")
         return
     run.estimate = est.total
     run.say(f"[dim]{est.line()}[/]")
+
+
+def longest_batch(longest: int, cfg) -> int:
+    """The longest row a batch can hold: every packed block is ``max_length`` long; else the longest example, at
+    most ``max_length``."""
+    return cfg.max_length if cfg.packing else min(longest, cfg.max_length)
 
 
 def setup_memory(run: Run, device: torch.device) -> None:
@@ -683,8 +689,8 @@ def samples(engine, data: Data) -> list[str]:
     from graftr.evaluate import greedy_answers
 
     prompts = sample_prompts(data)
-    if not prompts:
-        return []
+    if not prompts or "pixel_values" in getattr(getattr(engine, "module", engine), "graftr_input_names", ()):
+        return []  # an image-conditioned model answers about an image: graftr generate --image shows that
     return [" ".join(text.split()) for text in greedy_answers(engine, data.tokenizer, prompts,
                                                               max_new_tokens=SAMPLE_TOKENS)]
 
