@@ -238,10 +238,25 @@ class Runner:
             else:
                 train[key] = value
         baseline = {"name": method.slug, "peft": method.peft, "train": train, "model": self.spec.model,
-                    "data": self.data, "out": str(where / "run")}
+                    "data": self.data, "out": str(where / "run"), **self._head(method, seed)}
         path = where / "baseline.json"
         path.write_text(json.dumps(baseline, indent=2) + "\n")
         return [sys.executable, "-m", "graftr.compare", "run", str(path)]
+
+    def _head(self, method: Method, seed: int) -> dict:
+        """The task and label count the graftr methods train the model for (the family's, else the first graftr
+        method's), so a PEFT baseline gets the same head: e.g. a new two-class classifier on an encoder, which the
+        model's own task (masked LM) would not have."""
+        graftr_methods = [m for m in self.spec.methods if m.side == "graftr"]
+        chosen = next((m for m in graftr_methods if m.family == method.family), graftr_methods[0] if graftr_methods
+                      else None)
+        if chosen is None:
+            return {}
+        self.run(chosen, seed)
+        from graftr.recipe import load_yaml
+
+        recipe = load_yaml((self.directory(chosen, seed) / "run" / "adapter" / "recipe.yaml").read_text())
+        return {key: recipe[key] for key in ("task", "num_labels") if recipe.get(key) is not None}
 
     def _family_train(self, method: Method, seed: int) -> dict:
         """The resolved train: section of the family's graftr method (its run with this seed, run first)."""
@@ -509,7 +524,7 @@ def run_baseline(spec_path: str) -> int:
     quiet()
     spec = json.loads(Path(spec_path).read_text())
     baseline = PeftBaseline(name=spec["name"], peft=spec["peft"], train=TrainConfig.model_validate(spec["train"]),
-                            model=spec["model"])
+                            model=spec["model"], task=spec.get("task"), num_labels=spec.get("num_labels"))
     try:
         train(baseline, model_id=spec["model"], data=spec["data"], out=spec["out"], resume=False, console=console)
     except GraftrError as e:

@@ -127,3 +127,31 @@ def test_bad_comparisons_are_one_line_errors(setup, capsys, tmp_path):
     assert "holds files that are not a graftr comparison" in \
         cli_error(capsys, ["compare", str(good), "--out", str(foreign)])
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_a_peft_baseline_gets_the_graftr_methods_head(tmp_path, capsys):
+    """On an encoder whose own task is masked LM, the graftr recipe trains a new two-class classifier; the PEFT
+    baseline of the comparison is built for the same task and label count (it was refused as 'masked_lm')."""
+    model_dir(tmp_path / "bert", "bert")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, words in (("train", WORDS * 2), ("validation", WORDS[:6])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": w, "label": int(w in HOT)}) + "\n"
+                                                     for w in words))
+    ia3 = ('{name: ia3, task: seq_cls, trainable_modules: [classifier], rules: [{name: kv, match: {path: '
+           '"bert.encoder.layer.*.attention.self.{key,value}"}, adapter: {kind: ia3}}]}')
+    path = tmp_path / "cls.yaml"
+    path.write_text(f"name: cls\nmodel: {tmp_path / 'bert'}\ndata: data\nseeds: [0]\n"
+                    "train: {max_steps: 2, micro_batch_size: 4, data: {format: classification}}\nmethods:\n"
+                    f"  - {{name: graftr IA3, family: IA3, recipe: {ia3}}}\n"
+                    "  - {name: PEFT IA3, family: IA3, peft: {peft_type: IA3, target_modules: [key, value], "
+                    "feedforward_modules: []}}\n"
+                    "  - {name: PEFT LoRA, family: LoRA, peft: {peft_type: LORA, r: 2, target_modules: [query]}, "
+                    "train: {lr: 0.001}}\n")
+    out = tmp_path / "out"
+    assert cli.main(["compare", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    for slug in ("peft-ia3", "peft-lora"):  # the family's graftr method, and the first one for a family without
+        baseline = json.loads((out / "runs" / slug / "seed0" / "baseline.json").read_text())
+        assert baseline["task"] == "seq_cls" and baseline.get("num_labels", 2) == 2  # else: the data's labels
+    results = json.loads((out / "results.json").read_text())
+    assert all("accuracy" in run["evals"][-1] for run in results["runs"])
