@@ -243,6 +243,13 @@ class Runner:
         path.write_text(json.dumps(baseline, indent=2) + "\n")
         return [sys.executable, "-m", "graftr.compare", "run", str(path)]
 
+    def _resolved_recipe(self, method: Method, seed: int) -> dict:
+        """The recipe a graftr method's run with ``seed`` resolved (its ``adapter/recipe.yaml``; the run goes first)."""
+        from graftr.recipe import load_yaml
+
+        self.run(method, seed)
+        return load_yaml((self.directory(method, seed) / "run" / "adapter" / "recipe.yaml").read_text())
+
     def _head(self, method: Method, seed: int) -> dict:
         """The task and label count the graftr methods train the model for (the family's, else the first graftr
         method's), so a PEFT baseline gets the same head: e.g. a new two-class classifier on an encoder, which the
@@ -252,10 +259,7 @@ class Runner:
                       else None)
         if chosen is None:
             return {}
-        self.run(chosen, seed)
-        from graftr.recipe import load_yaml
-
-        recipe = load_yaml((self.directory(chosen, seed) / "run" / "adapter" / "recipe.yaml").read_text())
+        recipe = self._resolved_recipe(chosen, seed)
         return {key: recipe[key] for key in ("task", "num_labels") if recipe.get(key) is not None}
 
     def _family_train(self, method: Method, seed: int) -> dict:
@@ -263,11 +267,7 @@ class Runner:
         graftr_method = next((m for m in self.spec.methods if m.family == method.family and m.side == "graftr"), None)
         if graftr_method is None:
             return {}
-        self.run(graftr_method, seed)
-        from graftr.recipe import load_yaml
-
-        recipe = load_yaml((self.directory(graftr_method, seed) / "run" / "adapter" / "recipe.yaml").read_text())
-        train = dict(recipe.get("train") or {})
+        train = dict(self._resolved_recipe(graftr_method, seed).get("train") or {})
         if train.get("warmup_ratio") is not None:  # resolved with both written out; the ratio is what was set
             train.pop("warmup_steps", None)
         return train
@@ -403,8 +403,9 @@ def draw(spec: Comparison, rows: list[dict], out: Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncols=2 if len(rows) > 6 else 1)
-    ax.set_title(f"{spec.name}: {spec.model}, {len(families)} famil{'y' if len(families) == 1 else 'ies'}, "
-                 f"{len(spec.seeds)} seed(s) (solid: graftr, dashed: PEFT)")
+    ax.set_title(f"{spec.name}: {spec.model}\n{len(families)} famil{'y' if len(families) == 1 else 'ies'}, "
+                 f"{len(spec.seeds)} seed(s); mean and range over the seeds (solid: graftr, dashed: PEFT)",
+                 fontsize="medium")
     from graftr.plot import save_png
 
     return save_png(figure, out)

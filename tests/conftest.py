@@ -10,3 +10,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
+# The longest file first: under `--dist loadfile` each worker runs whole files in the order they were collected,
+# and the docs-command test (one test running every documented command in turn, ~20 minutes on two cores) collected
+# in alphabetical order would start midway and end the run alone. Started first, the other worker takes the rest.
+FIRST = ("test_docs_commands.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # a stable sort: everything else keeps its order

@@ -35,6 +35,8 @@ SKIP = [
      "a benchmark or the 7B checkpoint writer (minutes to an hour of CPU, 13.5 GB of disk): docs/benchmarks.md "
      "reports its runs"),
     (re.compile(r"--model DIR\b|--data DATA\b"), "a template: DIR and DATA stand for your model and data"),
+    (re.compile(r"recipes/RECIPE\.yaml|train\.lr=LR\b"), "a template for a table's rows: RECIPE and LR stand for "
+                                                           "each row's recipe and learning rate (docs/results.md)"),
     (re.compile(r"tools/gpu_check\.sh"), "needs a GPU (run through the device tool; docs/training.md)"),
     (re.compile(r"deepspeed_config=ds_config\.json"), "reads the ds_config.json shown above it as JSON (not a "
                                                        "command); tests/test_train.py checks the merge"),

@@ -547,7 +547,8 @@ def accumulate(engine, loader, accumulation: int, device: torch.device, task: st
     count = None
     if task in _LM_LOSS_SHIFT:
         count = torch.stack([_scored(b["labels"], _LM_LOSS_SHIFT[task]) for b in micro_batches]).sum()
-        dist.all_reduce(count)
+        if world > 1:
+            dist.all_reduce(count)
         if count.item() == 0:  # no label anywhere in the step: the mean over nothing is undefined
             stats[4] = accumulation
             return stats
