@@ -62,7 +62,9 @@ def cmd_apply(args) -> int:
     t_trace = time.perf_counter()
     console.print(f"[bold]{recipe.name}[/] on [bold]{source.model_id}[/] ({gm.hf_class}, task {task}): traced in "
               f"{t_trace - t_build:.1f} s, {len(gm.site_index.linear)} linear and "
-              f"{len(gm.site_index.attention)} attention sites")
+              f"{len(gm.site_index.attention)} attention sites"
+              + (f", {len(gm.site_index.experts)} expert sites (experts_implementation=grouped_mm)"
+                 if gm.site_index.experts else ""))
     if args.dry_run:
         from graftr.quantize import active, select
 
@@ -124,7 +126,10 @@ def cmd_inspect(args) -> int:
         if (rx and not rx.fullmatch(site.path)) or (args.op and site.op != args.op):
             continue
         if site.op == "linear":
-            shape = f"{site.in_features} → {site.out_features}"
+            shape = f"{site.in_features} → {site.out_features}" + (" (router)" if site.role == "router" else "")
+        elif site.op == "experts":
+            shape = f"{site.num_experts} experts × {site.in_features} → {site.out_features}" + (
+                f", gate|up {site.fused}" if site.fused else "") + (", bias" if site.bias else "")
         else:
             shape = f"heads {site.num_heads}, kv {site.num_kv_heads}, head_dim {site.head_dim}"
         table.add_row(site.path, site.module_class, site.op, shape, "" if site.layer is None else str(site.layer[1]))
@@ -134,6 +139,10 @@ def cmd_inspect(args) -> int:
     console.print(table)
     stacks = ", ".join(f"{k} ({v})" for k, v in gm.site_index.stack_sizes.items())
     console.print(f"{rows} sites; layer stacks: {stacks or 'none'}")
+    if gm.grafting.experts_implementation is not None or gm.site_index.experts:
+        console.print(f"experts traced with experts_implementation=grouped_mm (the model had "
+                      f"{gm.grafting.experts_implementation}); expert sites are selected with op: experts or their "
+                      "parameter path, some experts with match.experts")
     return 0
 
 
@@ -210,7 +219,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id (local cache or bundled snapshot), model directory or "
                                                   "config.json")
     p.add_argument("--filter", help="module path glob, e.g. 'model.layers.0.**'")
-    p.add_argument("--op", choices=("linear", "attention"), help="only sites of this kind")
+    p.add_argument("--op", choices=("linear", "attention", "experts"), help="only sites of this kind")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("validate", help="check recipes without building anything; report every error at once")

@@ -87,6 +87,8 @@ class Estimate:
             ("base parameters", f"{gib(self.base)}  ({c['base']:,} frozen, {self.precision}"
                                 + (f", {c['quantized']:,} of them quantized" if c.get("quantized") else "")
                                 + (f", ZeRO-3 {split}" if self.zero_stage == 3 else ", whole on every rank") + ")"),
+            *([("of which experts", f"{c['experts']:,} parameters in {c['expert_sites']} fused expert weights")]
+              if c.get("experts") else []),
             ("largest gathered layer", f"{gib(self.gathered_layer)}  "
                                        + (f"({c['layer']}, {c['layer_params']:,} parameters)" if self.zero_stage == 3
                                           else "(ZeRO-3 only)")),
@@ -96,6 +98,8 @@ class Estimate:
                                  + (" + fp32 master" if self.precision != "fp32" else "") + ")"),
             ("activations, no checkpointing", f"{gib(self.activations)}  (micro batch {self.micro_batch_size} × "
                                                f"{self.seq_len} tokens)"),
+            *([("of which routed rows", f"{gib(c['routed'])}  (tokens × top-k through the experts)")]
+              if c.get("routed") else []),
             ("activations, checkpointing layers", gib(self.activations_checkpointed)),
             ("loss workspace", f"{gib(self.loss_workspace)}  (the fused loss's logits chunk)"),
             ("total per rank", f"{gib(self.total)}  (activation_checkpointing: {self.checkpointing})"),
@@ -110,7 +114,8 @@ def gib(n: int | float) -> str:
 class _Saved:
     """Bytes autograd saves for backward, per storage, attributed to the outlined layer running (or the root)."""
 
-    def __init__(self, gm: nn.Module):
+    def __init__(self, gm: nn.Module, routed_rows: int | None = None):
+        self.routed_rows, self.routed = routed_rows, {}  # MoE: tensors of the (tokens × top-k) routed rows
         # the model's own tensors (weights, a quantized base's packed storage, rotary tables) are not activations
         self.excluded = {t.untyped_storage()._cdata for t in [*gm.parameters(), *gm.buffers()]}
         self.by_layer: dict[str, dict[int, int]] = {}
@@ -122,6 +127,8 @@ class _Saved:
             s = t.untyped_storage()
             if s._cdata not in self.excluded:
                 self.by_layer.setdefault(self.current, {})[s._cdata] = s.nbytes()
+                if self.routed_rows and t.dim() and t.shape[0] == self.routed_rows:
+                    self.routed[s._cdata] = s.nbytes()
         return t
 
     def pre(self, key):
@@ -137,14 +144,17 @@ class _Saved:
         self.current = ""
 
 
-def activations(gm, micro_batch: int, seq_len: int) -> tuple[int, int]:
-    """(held for backward without checkpointing, with every layer checkpointed) for one training forward of
-    ``micro_batch`` × ``seq_len`` tokens, counted on ``meta``. Outlines ``gm``'s layers if they are not yet."""
+def activations(gm, micro_batch: int, seq_len: int) -> tuple[int, int, int]:
+    """(held for backward without checkpointing, with every layer checkpointed, of which the routed rows of
+    Mixture-of-Experts layers) for one training forward of ``micro_batch`` × ``seq_len`` tokens, counted on
+    ``meta``. Outlines ``gm``'s layers if they are not yet."""
     from graftr.outline import outline_layers
 
+    top_k = None
     if not getattr(gm, "graftr_outlined", None):
+        top_k = getattr(gm.hf_config.get_text_config(), "num_experts_per_tok", None) if gm.site_index.experts else None
         outline_layers(gm)
-    saved = _Saved(gm)
+    saved = _Saved(gm, micro_batch * seq_len * top_k if top_k else None)
     handles = []
     for key in gm.graftr_outlined:
         layer = gm.get_submodule(key)
@@ -175,7 +185,7 @@ def activations(gm, micro_batch: int, seq_len: int) -> tuple[int, int]:
     outside = {s: n for s, n in root.items() if not any(s in per for k, per in saved.by_layer.items() if k)}
     checkpointed = sum(outside.values()) + sum(n for s, n in saved.inputs.items() if s not in outside) \
         + max(layer_bytes.values(), default=0)
-    return sum(everything.values()), checkpointed
+    return sum(everything.values()), checkpointed, sum(saved.routed.values())
 
 
 def estimate(recipe, model_id: str, world: int = 1, seq_len: int | None = None) -> Estimate:
@@ -232,7 +242,15 @@ def estimate(recipe, model_id: str, world: int = 1, seq_len: int | None = None) 
         # DeepSpeed's 18 bytes: 2 gradient (16-bit) + 4 gradient (fp32) + 4 master + 8 moments, all partitioned
         gradients, optimizer = rest * 6 / 18, rest * 12 / 18
     seq_len = seq_len or cfg.data.max_length
-    act_none, act_layers = activations(gm, cfg.micro_batch_size, seq_len)
+    if seq_len > gm.grafting.max_positions:
+        from graftr.errors import GraftrError
+
+        raise GraftrError(f"train.data.max_length {seq_len} is longer than {source.model_id}'s "
+                          f"{gm.grafting.max_positions} positions; set train.data.max_length={gm.grafting.max_positions}"
+                          " or less")
+    experts = {s.weight for s in gm.site_index.experts} | {s.bias for s in gm.site_index.experts if s.bias}
+    n_experts, expert_sites = sum(p.numel() for n, p in unique if n in experts), len(gm.site_index.experts)
+    act_none, act_layers, routed = activations(gm, cfg.micro_batch_size, seq_len)
     return Estimate(world=n, zero_stage=stage, precision=cfg.precision, micro_batch_size=cfg.micro_batch_size,
                     seq_len=seq_len, base=int(base_bytes / (n if stage == 3 else 1)),
                     gathered_layer=layers[largest] if stage == 3 and largest else 0, adapter=int(adapter),
@@ -240,6 +258,8 @@ def estimate(recipe, model_id: str, world: int = 1, seq_len: int | None = None) 
                     activations_checkpointed=act_layers, checkpointing=cfg.activation_checkpointing,
                     loss_workspace=gm.loss_workspace_bytes(cfg.micro_batch_size * seq_len),
                     counts={"base": n_base, "trainable": n_tr, "layer": largest, "quantized": n_packed,
+                            "experts": n_experts, "routed": routed,
+                            "expert_sites": expert_sites,
                             "layer_params": layers.get(largest, 0) // size if largest else 0})
 
 

@@ -64,6 +64,7 @@ class Grafting:
     embeddings: dict[str, str] = field(default_factory=dict)  # "input"/"output" -> module path (graftr.calling)
     generation_config: Any = None  # transformers.GenerationConfig, made from hf_config when first read (graftr.hf)
     quantized: dict = field(default_factory=dict)  # site path -> graftr.quantize.QuantizedWeight (the quantize pass)
+    experts_implementation: str | None = None  # a MoE model's experts_implementation before graftr pinned its own
 
 
 @dataclass
@@ -468,7 +469,7 @@ class MergeAdapters(GraphPass):
             if site.op == "linear" and site.quant:
                 raise MergeError(f"{site.path}: its weight is stored quantized ({site.quant}); merge into the "
                                  "dequantized weights with graftr merge (or graft with round_trip=True)")
-            if site.op != "linear":
+            if site.op == "attention":
                 raise MergeError(f"{site.path}: {ATTENTION_NOT_MERGEABLE}")
             adapters[0].check_site_merge(site.path, adapters)  # the linear kinds' rule (graftr.adapters.base)
 
@@ -482,8 +483,18 @@ class MergeAdapters(GraphPass):
                 weight = gm.get_parameter(site.weight)
                 bias = gm.get_parameter(site.bias) if site.bias else None
                 w, b = weight.data, (bias.data if bias is not None else None)
+                scalings = []  # the input scalings merged so far: a branch after them reads the scaled input
                 for target in targets:
-                    w, b = gm.get_submodule(target).merge_into(w, b, site.layout)
+                    module = gm.get_submodule(target)
+                    if module.position == "output" and not module.is_scaling and scalings:
+                        delta, _ = module.merge_into(torch.zeros_like(w, dtype=torch.float32), None, site.layout)
+                        for scaling in scalings:  # Δ diag(l): the branch's weight on the unscaled input
+                            delta, _ = scaling.merge_into(delta, None, site.layout)
+                        w = (w.float() + delta).to(w.dtype)
+                        continue
+                    w, b = module.merge_into(w, b, site.layout)
+                    if module.position == "input":
+                        scalings.append(module)
                 weight.data.copy_(w)
                 if bias is not None:
                     bias.data.copy_(b)
@@ -520,6 +531,9 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
 
     ``dynamic=False`` is for plans that never run (see :func:`graftr.trace.export`): the graph takes only the
     tracing example's shapes."""
+    from graftr.moe import pin_experts_implementation
+
+    experts_before = pin_experts_implementation(model)
     spec = tracing.trace_spec(model)
     gm = tracing.to_graph_module(tracing.export(model, spec, dynamic=dynamic), cls=cls or GraftedModel,
                                  class_name=f"Grafted{type(model).__name__}")
@@ -530,7 +544,7 @@ def prepare(model: nn.Module, *, model_id: str | None = None, task: str | None =
     gm.grafting = Grafting(input_names=list(spec.input_names), max_positions=spec.max_positions,
                            position_ids=spec.position_ids, hf_config=model.config, hf_class=type(model).__name__,
                            task=task, model_id=model_id or getattr(model.config, "_name_or_path", "") or None,
-                           site_index=find_sites(gm))
+                           site_index=find_sites(gm), experts_implementation=experts_before)
     gm.adopt_interface(model)
     return gm
 

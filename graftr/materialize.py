@@ -13,8 +13,9 @@ Names
     renamings for the model (looked up by class name and ``model_type`` for every ``PreTrainedModel`` in it, e.g.
     GPT-NeoX's ``embed_out`` → ``lm_head``) and its legacy ones (``LayerNorm.gamma``/``beta`` → ``weight``/``bias``);
     a key kept as stored when its renamed form names no tensor but the stored one does, as transformers does. A
-    key transformers loads through a tensor conversion (merging, splitting, permuting) raises :class:`GraftrError`
-    naming it, as graftr loads tensors unchanged. Tied tensors (``lm_head.weight`` and ``model.embed_tokens.weight``
+    key transformers loads through a tensor conversion (Mixture-of-Experts checkpoints: one tensor per expert,
+    stacked and concatenated into the fused ``mlp.experts.gate_up_proj``) is collected with the others its target
+    needs and converted by transformers' own ``WeightConverter`` operations, one target at a time. Tied tensors (``lm_head.weight`` and ``model.embed_tokens.weight``
     are one ``Parameter``) are loaded once, from whichever of their names the checkpoint has.
 What the checkpoint lacks
     is initialised as ``from_pretrained`` does (transformers 5): the owning module is built on CPU from a ``meta``
@@ -36,8 +37,10 @@ dtype
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,8 +134,9 @@ def _stored_keys(directory: Path) -> dict[str, Path]:
 
 
 def _checkpoint_keys(stored: dict[str, Path], twin: nn.Module, names: set[str],
-                     prefix: str) -> dict[str, tuple[Path, str]]:
-    """The name each checkpoint key loads as → (file, key as stored), renamed as ``from_pretrained`` renames it.
+                     prefix: str) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple]]:
+    """The name each checkpoint key loads as → (file, key as stored), renamed as ``from_pretrained`` renames it; and
+    the targets loaded through a tensor conversion → (transformers' ``WeightConverter``, [(file, key, pattern)]).
 
     The rules are transformers' own for ``twin`` (the HF model, with its ``PreTrainedModel`` sub-models) plus its
     legacy ones, applied by transformers' ``rename_source_key``. As in transformers, a key whose renamed form is
@@ -146,21 +150,51 @@ def _checkpoint_keys(stored: dict[str, Path], twin: nn.Module, names: set[str],
         return any(c in names for c in _candidates(name, prefix))
 
     keys: dict[str, tuple[Path, str]] = {}
-    for key in sorted(stored):
+    converted: dict[str, tuple] = {}
+    for key in sorted(stored, key=_natural):
         file = stored[key]
         normal, pattern = rename_source_key(key, renamings, converters)
         if not known(normal) and known(key):
             normal, pattern = key, None
         if pattern is not None and known(normal):
             converter = next(c for c in converters if pattern in c.source_patterns)
-            ops = ", ".join(type(op).__name__ for op in converter.operations)
-            raise GraftrError(f"checkpoint key {key} ({file.name}) is loaded by transformers as {normal} through a "
-                              f"tensor conversion ({ops}) that graftr cannot apply; convert the checkpoint first "
-                              "(from_pretrained, then save_pretrained)")
+            converted.setdefault(normal, (converter, []))[1].append((file, key, pattern))
+            continue
         if normal in keys:
             raise GraftrError(f"checkpoint keys {keys[normal][1]} and {key} both load as {normal}")
         keys[normal] = (file, key)
-    return keys
+    return keys, converted
+
+
+def _natural(key: str) -> tuple:
+    """Sort key with numbers compared as numbers: expert 10 after expert 9, as transformers stacks them."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key))
+
+
+def _targets(normal: str, converter) -> list[str]:
+    """The names a conversion gives for the target ``normal`` (a one-to-many split gives several)."""
+    first = converter.target_patterns[0]
+    return [normal.replace(first, t, 1) for t in converter.target_patterns] if first in normal else [normal]
+
+
+def _convert(normal: str, converter, sources: list[tuple]) -> dict[str, torch.Tensor]:
+    """One target's conversion, from its checkpoint tensors (read here), by transformers' own operations:
+    {name: tensor} for every name it gives."""
+    mapping = copy.deepcopy(converter)
+    for file, key, pattern in sources:
+        mapping.add_tensor(normal, key, pattern, functools.partial(_read, file, key))
+    try:
+        out = mapping.convert(normal)
+    except Exception as e:  # transformers raises what its ops raise; name the target and the first key
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GraftrError(f"{normal}: transformers' conversion of checkpoint key {sources[0][1]} "
+                          f"({len(sources)} tensor(s)) failed: {first}") from e
+    return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    with open_safetensors(file, error=GraftrError) as f:
+        return f.get_tensor(key)
 
 
 def _candidates(name: str, prefix: str) -> list[str]:
@@ -275,7 +309,7 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
     stored = _stored_keys(directory)
     entries = [e for e in _entries(gm) if not e.name.startswith(f"{TARGET}.encoder.")]
     twin = _twin(gm, cls)
-    keys = _checkpoint_keys(stored, twin, {n for e in entries for n in e.names}, cls.base_model_prefix)
+    keys, converted = _checkpoint_keys(stored, twin, {n for e in entries for n in e.names}, cls.base_model_prefix)
 
     def persistent(entry: _Entry) -> bool:
         owner, _, local = entry.name.rpartition(".")
@@ -296,10 +330,15 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
         used.update(found)
         file, key = keys[found[0]]
         plan[file].append((key, spec))
+    produced = {name: normal for normal, (converter, _) in converted.items() for name in _targets(normal, converter)}
+    conversions: dict[str, dict[str, _Entry]] = defaultdict(dict)  # target → {name it gives: entry}
     for entry in entries:
         found = [c for n in entry.names for c in _candidates(n, cls.base_model_prefix) if c in keys]
-        used.update(found)
-        if not persistent(entry):
+        through = [c for n in entry.names for c in _candidates(n, cls.base_model_prefix) if c in produced]
+        used.update(found + [produced[c] for c in through])
+        if persistent(entry) and through and not found:
+            conversions[produced[through[0]]][through[0]] = entry
+        elif not persistent(entry):
             if entry.tensor.is_meta:
                 missing.append(entry)
         elif found:
@@ -320,6 +359,18 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
                                       f"{tuple(entry.tensor.shape)} ({file.name})")
                 t = f.get_tensor(key)
                 _set(gm, entry, t.to(_target_dtype(entry, t.dtype, dtype)))
+    for normal, wanted in conversions.items():  # one target at a time (an MoE layer's experts: stacked, concatenated)
+        converter, sources = converted[normal]
+        out = _convert(normal, converter, sources)
+        for name, entry in wanted.items():
+            t = out.get(name)
+            if t is None:
+                raise GraftrError(f"{entry.name}: transformers' conversion of {sources[0][1]} gave {sorted(out)}")
+            if tuple(t.shape) != tuple(entry.tensor.shape):
+                raise GraftrError(f"{entry.name}: the checkpoint's {sources[0][1]} ({len(sources)} tensor(s)) "
+                                  f"converts to shape {tuple(t.shape)}, the model expects {tuple(entry.tensor.shape)}")
+            _set(gm, entry, t.to(_target_dtype(entry, t.dtype, dtype)))
+        del out
 
     report = []
     if missing:
@@ -333,7 +384,8 @@ def materialize(gm, directory, *, dtype: torch.dtype | None = None) -> list[str]
         if new:
             report.append(f"newly initialized (not in the checkpoint): {', '.join(new)}")
     set_graph_device(gm, "cpu")
-    unused = sorted(key for normal, (_, key) in keys.items() if normal not in used)
+    unused = sorted([key for normal, (_, key) in keys.items() if normal not in used]
+                    + [key for normal, (_, sources) in converted.items() if normal not in used for _, key, _ in sources])
     if unused:
         report.append(f"unused checkpoint keys: {', '.join(unused)}")
     return report

@@ -71,6 +71,8 @@ def _layers_problem(rule, recipe, error: MatchError) -> str:
     """
     where = f"{rule._origin}: " if rule._origin else ""
     layers = rule.match.layers
+    if "experts" in str(error) or layers is None:  # match.experts asked for more experts than a site has
+        return f"{where}rule {rule.name!r}: {error}"
     fix = "write layers: {last_fraction: F} to take the last share F of the layers on any depth"
     count = layers.last or layers.first
     if layers.last is not None and recipe.model:
@@ -159,7 +161,7 @@ class RewritePass(GraphPass):
 
 def _device_for(gm: fx.GraphModule, site) -> torch.device:
     """Adapters live beside the site's weights; on a meta base they get real CPU tensors (so they can be saved)."""
-    weight = site.weight if site.op == "linear" else next(iter(site.projections.values())).weight
+    weight = site.weight if site.op != "attention" else next(iter(site.projections.values())).weight
     owner, _, local = weight.rpartition(".")
     device = gm.get_submodule(owner)._parameters.get(local, gm.get_submodule(owner)._buffers.get(local)).device
     return torch.device("cpu") if device.type == "meta" else device
@@ -173,6 +175,13 @@ def _by_stack(sites: list) -> dict[str | None, list]:
     for site in sites:
         by_stack.setdefault(site.layer[0] if site.layer else None, []).append(site)
     return by_stack
+
+
+def _expert_selection(rule, site) -> dict:
+    """``{"experts": [...]}`` for a rule that selects some experts of an expert site (``match.experts``), else {}."""
+    if site.op != "experts" or rule.match.experts is None:
+        return {}
+    return {"experts": sorted(rule.match.experts.resolve(site.num_experts))}
 
 
 def _refuse_oversized(gm: fx.GraphModule, plans: list[RulePlan], sizes: dict[str, int]) -> None:
@@ -195,7 +204,8 @@ def _refuse_oversized(gm: fx.GraphModule, plans: list[RulePlan], sizes: dict[str
                 rule_added += sum(p.numel() for p in shared.parameters())
                 extra = {"shared": f"{stack}.{plan.rule.name}" if stack else plan.rule.name}
             for site in sites:
-                module = kind.module_cls.from_site(plan.rule.adapter, site, device=meta, **extra)
+                module = kind.module_cls.from_site(plan.rule.adapter, site, device=meta, **extra,
+                                                   **_expert_selection(plan.rule, site))
                 rule_added += sum(p.numel() for p in module.parameters())
         added += rule_added
         if added > limit:
@@ -237,8 +247,9 @@ def rewrite(gm: fx.GraphModule, plans: list[RulePlan], *, adapter: str = DEFAULT
         for site in plan.sites:
             stack = site.layer[0] if site.layer else None
             extra = {"shared": shared[stack]} if stack in shared else {}
-            module = kind.module_cls.from_site(plan.rule.adapter, site, device=_device_for(gm, site), **extra)
-            target = install_module(gm, f"{site.path}.{name}", module)
+            module = kind.module_cls.from_site(plan.rule.adapter, site, device=_device_for(gm, site), **extra,
+                                               **_expert_selection(plan.rule, site))
+            target = install_module(gm, site.adapter_path(name), module)
             module.graft(gm.graph, site, target)
             site.adapters.append(target)
             plan.targets.append(target)

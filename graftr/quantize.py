@@ -288,9 +288,17 @@ def select(gm, config: QuantizeConfig, trainable: list[str] = ()) -> list:
     trained = [compile_glob(g) for g in trainable]
     tied = tied_names(gm)
     chosen = []
+    dense_experts = [s.path for s in gm.site_index.experts if not any(rx.fullmatch(s.path) for rx in skip)]
+    if dense_experts:
+        raise GraftrError(f"quantize ({config.method}): {dense_experts[0]} and {len(dense_experts) - 1} more fused "
+                          "expert weights (3-D) cannot be stored packed: bitsandbytes' 4-bit and int8 products take a "
+                          "2-D weight and graftr has no grouped quantized product; keep the experts dense with "
+                          "quantize.skip: ['**.mlp.experts.*'] (the attention is still quantized)")
     for site in gm.site_index.linear:
         if site.layer is None or site.layer[0] not in gm.site_index.stack_sizes:
             continue  # heads, poolers, projectors: outside every layer stack
+        if site.role == "router":
+            continue  # a Mixture-of-Experts router stays in full precision (as transformers' quantizers keep it)
         if any(rx.fullmatch(site.path) for rx in skip) or site.quant:
             continue
         owners = [site.path.rsplit(".", k)[0] for k in range(site.path.count(".") + 1)]

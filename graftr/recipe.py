@@ -69,8 +69,12 @@ class Match(ConfigModel):
     path: Annotated[Globs, Field(min_length=1)] | None = Field(None, description="module path globs, any may match")
     module_class: Annotated[ClassNames, Field(min_length=1)] | None = Field(
         None, description="module class names (exact), any may match")
-    op: Literal["linear", "attention"] | None = Field(None, description="the kind of site")
+    op: Literal["linear", "attention", "experts"] | None = Field(
+        None, description="the kind of site (experts: a Mixture-of-Experts layer's fused expert projections)")
     layers: LayerSelect | None = Field(None, description="layers of each stack; sites outside any stack are dropped")
+    experts: LayerSelect | None = Field(
+        None, description="which experts of each expert site get parameters (first, last, indices, range, as for "
+                          "layers); only expert sites are then selected; the others stay as they are")
     exclude: Globs = Field([], description="module path globs; a site matching any is dropped")
 
     _path: tuple[re.Pattern[str], ...] = PrivateAttr(())
@@ -100,6 +104,14 @@ class Match(ConfigModel):
             return False
         if any(p.match(site.path) for p in self._exclude):
             return False
+        if self.experts is not None:
+            if site.op != "experts":
+                return False
+            try:
+                self.experts.resolve(site.num_experts)
+            except ValueError as e:
+                raise MatchError(f"cannot select experts of {site.path}: {e.args[0].replace('layer', 'expert')}") \
+                    from None
         if self.layers is None:
             return True
         if site.layer is None:
@@ -121,6 +133,8 @@ class Match(ConfigModel):
             parts.append(f"op={self.op}")
         if self.layers is not None:
             parts.append(f"layers={self.layers.describe()}")
+        if self.experts is not None:
+            parts.append(f"experts={self.experts.describe()}")
         if self.exclude:
             parts.append("exclude=" + "|".join(self.exclude))
         return " ".join(parts)

@@ -1,7 +1,7 @@
 """The one registry of adapter kinds.
 
 An adapter kind is a pydantic config class (``extra="forbid"``, with a ``kind: Literal["name"]`` field) plus the
-``nn.Module`` class it builds and the site ops it can attach to (``"linear"`` or ``"attention"``). The recipe
+``nn.Module`` class it builds and the site ops it can attach to (``"linear"``, ``"attention"``, ``"experts"``). The recipe
 schema is a discriminated union over the registered config classes, so a kind registered from a user's own
 package (imported by the recipe's ``imports:`` list or through the ``graftr.adapters`` entry-point group) is usable
 from YAML like a built-in one::
@@ -33,7 +33,7 @@ from pydantic import ConfigDict, Field
 from graftr.configmodel import ConfigModel
 from graftr.errors import GraftrError
 
-SITE_OPS = ("linear", "attention")
+SITE_OPS = ("linear", "attention", "experts")
 
 
 @dataclass(frozen=True)

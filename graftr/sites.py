@@ -7,6 +7,11 @@ projections and its head geometry: an ``SDPA`` call (after :class:`graftr.trace.
 ``matmul(q, kᵀ) → scale → (softcap) → (+ mask/bias) → softmax → (dropout) → matmul(·, v)`` of models traced with
 eager attention (Gemma-2, with its score softcapping; any model built with ``attn_implementation="eager"``).
 
+An *expert site* is one fused expert projection of a Mixture-of-Experts layer (``mlp.experts.gate_up_proj``,
+``mlp.experts.down_proj``): a grouped product of the routed rows (sorted by expert) with a 3-D weight, the
+offsets that split the rows among the experts, and the bias gpt-oss adds (:mod:`graftr.moe`). A router (a module
+whose one linear feeds its top-k, so the module has several outputs) is a linear site whose output is that linear.
+
 Sites are found from the graph alone: ``nn_module_stack`` (read through :mod:`graftr.fxmeta`) tells which module
 each node belongs to, so no model code is re-implemented here.
 """
@@ -64,10 +69,56 @@ class LinearSite:
     layer: tuple[str, int] | None = None
     adapters: list[str] = field(default_factory=list)  # module targets grafted here, in order
     quant: str | None = None  # "nf4" / "fp4" / "int8" once the quantize pass stored the weight packed
+    role: str | None = None  # "router" for a Mixture-of-Experts router
 
     @property
     def anchor(self) -> fx.Node:
         return self.nodes[-1]
+
+    def adapter_path(self, name: str) -> str:
+        """Where a rule's adapter module for this site is installed."""
+        return f"{self.path}.{name}"
+
+
+@dataclass(eq=False)
+class ExpertSite:
+    """One fused expert projection: ``y[s] = x[s] @ W[e(s)]ᵀ (+ b[e(s)])`` for the routed rows ``s`` (sorted by
+    expert; ``offsets`` (E,) the cumulative row counts), ``W`` the 3-D parameter ``weight`` — (E, out, in) for
+    ``layout="out_in"`` (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3), (E, in, out) for ``"in_out"`` (gpt-oss).
+
+    ``path`` is the parameter's name (``model.layers.0.mlp.experts.down_proj``), as PEFT's ``target_parameters``
+    names it; a parameter is not a module, so the adapters sit beside it at ``<path>_<rule>``. ``fused`` says how a
+    gate/up projection holds its two halves (``"concatenated"``: gate rows [0, I), up [I, 2I); ``"interleaved"``:
+    gpt-oss's even/odd columns), else None."""
+
+    path: str
+    module_class: str
+    weight: str
+    bias: str | None
+    layout: str
+    num_experts: int
+    in_features: int
+    out_features: int
+    input: fx.Node  # (S, in), rows sorted by expert
+    output: fx.Node  # (S, out)
+    offsets: fx.Node  # (E,) int
+    nodes: list[fx.Node]  # the product (and its bias add)
+    op: str = "experts"
+    layer: tuple[str, int] | None = None
+    adapters: list[str] = field(default_factory=list)
+    fused: str | None = None
+    quant: str | None = None
+
+    @property
+    def anchor(self) -> fx.Node:
+        return self.nodes[0]
+
+    @property
+    def role(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    def adapter_path(self, name: str) -> str:
+        return f"{self.path}_{name}"
 
 
 @dataclass(frozen=True)
@@ -141,6 +192,9 @@ class AttentionSite:
         if self.output is None:
             self.output = self.node
 
+    def adapter_path(self, name: str) -> str:
+        return f"{self.path}.{name}"
+
     def projection(self, role: str) -> tuple[LinearSite, Rows] | None:
         """The linear site computing ``role`` ("q", "k" or "v") and which of its output features, if found."""
         if role not in self.rows:
@@ -197,6 +251,9 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             continue
         bounds = _boundary(nodes)
+        role = None
+        if bounds is None and "router" in (fxmeta.innermost(op) or ("", ""))[1].lower():
+            bounds, nodes, role = (op.args[0], op), [op], "router"  # its linear feeds its top-k: several outputs
         if bounds is None:
             continue
         weight = gm.get_parameter(w.target) if _is_param(gm, w.target) else None
@@ -206,7 +263,65 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
         bias = b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
         cls = fxmeta.innermost(op)[1]
         sites.append(LinearSite(path, cls, w.target, bias, layout, int(in_f), int(out_f), bounds[0], bounds[1],
-                                nodes, layer=layer_of(path)))
+                                nodes, layer=layer_of(path), role=role))
+    return sites
+
+
+def _expert_weight(gm: fx.GraphModule, w) -> tuple[str, str] | None:
+    """The 3-D parameter an expert product multiplies by, and its layout: read as is ("in_out") or through
+    ``transpose(-2, -1)`` ("out_in")."""
+    layout = "in_out"
+    if isinstance(w, fx.Node) and w.op == "call_function" and w.target == torch.ops.aten.transpose.int \
+            and {a % 3 for a in w.args[1:3]} == {1, 2}:
+        w, layout = w.args[0], "out_in"
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and _is_param(gm, w.target)):
+        return None
+    return (w.target, layout) if gm.get_parameter(w.target).dim() == 3 else None
+
+
+def _expert_bias(gm: fx.GraphModule, op: fx.Node) -> tuple[fx.Node, str] | None:
+    """gpt-oss's ``out.add_(bias[expert_ids])`` right after the product: (the add, the bias parameter)."""
+    users = [u for u in op.users if u.target != _ASSERT]
+    if len(users) != 1 or users[0].target not in (torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor):
+        return None
+    add = users[0]
+    other = add.args[1] if add.args[0] is op else add.args[0]
+    if isinstance(other, fx.Node) and other.target == torch.ops.aten.index.Tensor:
+        table = other.args[0]
+        if isinstance(table, fx.Node) and table.op == "get_attr" and _is_param(gm, table.target):
+            return add, table.target
+    return None
+
+
+def _fused_form(output: fx.Node) -> str | None:
+    for user in output.users:
+        if user.target == torch.ops.aten.chunk.default:
+            return "concatenated"
+        if user.target == torch.ops.aten.slice.Tensor and len(user.args) > 4 and user.args[4] == 2:
+            return "interleaved"
+    return None
+
+
+def find_expert_sites(gm: fx.GraphModule) -> list[ExpertSite]:
+    from graftr.moe import grouped_ops
+
+    ops = grouped_ops()
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ops:
+            continue
+        found = _expert_weight(gm, node.args[1])
+        if found is None:
+            continue
+        weight, layout = found
+        shape = gm.get_parameter(weight).shape
+        num, in_f, out_f = (shape[0], shape[2], shape[1]) if layout == "out_in" else tuple(shape)
+        bias = _expert_bias(gm, node)
+        output, nodes = (bias[0], [node, bias[0]]) if bias else (node, [node])
+        inner = fxmeta.innermost(node)
+        sites.append(ExpertSite(weight, inner[1] if inner else "", weight, bias[1] if bias else None, layout,
+                                int(num), int(in_f), int(out_f), node.args[0], output, node.args[2], nodes,
+                                layer=layer_of(weight), fused=_fused_form(output)))
     return sites
 
 
@@ -449,14 +564,17 @@ class SiteIndex:
     linear: list[LinearSite]
     attention: list[AttentionSite]
     stack_sizes: dict[str, int]
+    experts: list[ExpertSite] = field(default_factory=list)
 
     def of_ops(self, ops) -> list:
-        return [s for op in ops for s in (self.linear if op == "linear" else self.attention)]
+        by_op = {"linear": self.linear, "attention": self.attention, "experts": self.experts}
+        return [s for op in ops for s in by_op[op]]
 
     def all(self) -> list:
-        return [*self.linear, *self.attention]
+        return [*self.linear, *self.attention, *self.experts]
 
 
 def find_sites(gm: fx.GraphModule) -> SiteIndex:
     linear = find_linear_sites(gm)
-    return SiteIndex(linear, find_attention_sites(gm, linear), stack_sizes(n for n, _ in gm.named_parameters()))
+    return SiteIndex(linear, find_attention_sites(gm, linear), stack_sizes(n for n, _ in gm.named_parameters()),
+                     find_expert_sites(gm))

@@ -244,6 +244,14 @@ def _normalize(gm: fx.GraphModule) -> None:
             target = _install(gm, path, cls(float(p)))
             with graph.inserting_before(node):
                 new = graph.call_module(target, (x,))
+        elif node.target == torch.ops.aten.histc.default:  # MoE routing counts: the input dtype follows the device
+            from graftr.moe import expert_histc
+
+            source = node.args[0]
+            if isinstance(source, fx.Node) and source.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default):
+                source = source.args[0]
+            with graph.inserting_before(node):
+                new = graph.call_function(expert_histc, (source, *node.args[1:]), dict(node.kwargs))
         elif node.target == torch.ops.aten.scaled_dot_product_attention.default:
             names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
             bound = dict(zip(names, node.args))

@@ -142,13 +142,15 @@ def test_missing_checkpoint_and_shape_mismatch(tmp_path):
         materialize(gm, tmp_path)
 
 
-def test_a_key_transformers_converts_is_an_error_not_a_random_weight(tmp_path, monkeypatch):
-    """A tensor conversion (here splitting a fused gate/up projection) cannot be applied: loud, naming the key."""
-    from transformers.core_model_loading import Chunk, WeightConverter
+def test_a_key_transformers_converts_is_converted_as_transformers_does(tmp_path, monkeypatch):
+    """A tensor conversion (here splitting a fused gate/up projection, one-to-many) is applied with transformers'
+    own operations; one that fails is an error naming the key, never a random weight."""
+    from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter
 
     from graftr import materialize as module
 
-    tiny_model("llama").save_pretrained(tmp_path)
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     for i in range(2):
         mlp = f"model.layers.{i}.mlp."
@@ -159,10 +161,22 @@ def test_a_key_transformers_converts_is_an_error_not_a_random_weight(tmp_path, m
                             operations=[Chunk(dim=0)])
     rules = module.get_model_conversion_mapping
     monkeypatch.setattr(module, "get_model_conversion_mapping", lambda model: [split, *rules(model)])
-    with pytest.raises(GraftrError, match=r"^checkpoint key model\.layers\.0\.mlp\.gate_up_proj\.weight "
-                                          r"\(model\.safetensors\) is loaded by transformers as "
-                                          r"model\.layers\.0\.mlp\.gate_proj\.weight through a tensor conversion "
-                                          r"\(Chunk\)"):
+    gm = _meta_graph(tmp_path)
+    assert materialize(gm, tmp_path) == []
+    inputs = example_inputs(model, 2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+    class Broken(ConversionOps):
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            raise ValueError("shapes do not stack")
+
+    broken = WeightConverter("mlp.gate_up_proj.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                             operations=[Broken()])
+    monkeypatch.setattr(module, "get_model_conversion_mapping", lambda model: [broken, *rules(model)])
+    with pytest.raises(GraftrError, match=r"^model\.layers\.0\.mlp\.gate_proj\.weight: transformers' conversion of "
+                                          r"checkpoint key model\.layers\.0\.mlp\.gate_up_proj\.weight \(1 tensor\(s\)\) "
+                                          r"failed: shapes do not stack"):
         materialize(_meta_graph(tmp_path), tmp_path)
 
 

@@ -180,3 +180,22 @@ name: head
 rules: [{name: ia3_head, match: {path: lm_head}, adapter: {kind: ia3}}]
 """, arch="gpt2")
     assert "tied" in err
+
+
+def test_a_branch_after_an_input_scaling_merges_with_the_scaled_input():
+    """IA³ input scaling then a LoRA branch on one site: the branch reads the scaled input, so the merged weight is
+    (W + s·BA)·diag(l), not W·diag(l) + s·BA (the merge once added the branch unscaled)."""
+    text = ("name: m\nrules:\n"
+            "  - {name: ff, match: {path: '**.mlp.down_proj'}, adapter: {kind: ia3, scale: input}}\n"
+            "  - {name: lo, match: {path: '**.mlp.down_proj'}, adapter: {kind: ina, inhibition: 0, rank: 4}}\n"
+            "  - {name: out, match: {path: '**.mlp.down_proj'}, adapter: {kind: ia3}}\n")
+    model = tiny_model("llama")
+    inputs = example_inputs(model, 2, 6)
+    gm = graft(model, parse_recipe(text)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in gm.adapter_state_dict().values():
+            p.add_(torch.randn_like(p) * 0.3)
+        want = gm(**inputs).logits
+        gm.merge_()
+        torch.testing.assert_close(gm(**inputs).logits, want, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 # recipe file -> {architecture: {rule: number of sites}} on the 2-layer tiny models of tests/zoo.py
 EXPECTED = {
-    "ia3_llama.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("llama", "mistral", "qwen2", "qwen3")},
+    "ia3_llama.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe",
+                                                                 "mixtral", "olmoe")},
+    "ina_moe.yaml": {a: {"ina_attn": 4, "ina_experts": 4} for a in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")},
     "ia3_encoder.yaml": {a: {"ia3_attn": 4, "ia3_ff": 2} for a in ("bert", "roberta")},
     "ia3_t5.yaml": {"t5": {"ia3_attn": 12, "ia3_ff": 4}},
     "ina_llama.yaml": {a: {"ina_qk": 4} for a in ("llama", "mistral", "qwen2", "qwen3")},

@@ -152,6 +152,8 @@ SNAPSHOT_PARAMS = {
     "mistralai/Mistral-7B-v0.1": 7_241_732_096,
     "Qwen/Qwen2.5-7B": 7_615_616_512,
     "Qwen/Qwen3-8B": 8_190_735_360,
+    "Qwen/Qwen3-30B-A3B": 30_532_122_624,  # Mixture-of-Experts: 128 experts, 8 routed per token
+    "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,
     "google/gemma-2-2b": 2_614_341_888,
     "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
     "openai-community/gpt2": 124_439_808,

@@ -47,6 +47,20 @@ _CONFIGS: dict[str, dict] = {
                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
 }
 
+# Mixture-of-Experts: 8 experts, top-2, fused 3-D expert weights (transformers 5). gpt-oss is transposed, with
+# biases and interleaved gate/up; Qwen2-MoE adds a shared expert. Not in ARCHS: tests/test_moe.py covers them.
+_MOE = {**_DECODER, "intermediate_size": 16}
+_CONFIGS.update({
+    "qwen3_moe": {**_MOE, "head_dim": 8, "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2},
+    "mixtral": {**_MOE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "olmoe": {**_MOE, "num_experts": 8, "num_experts_per_tok": 2},
+    "gpt_oss": {**_MOE, "num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 8, "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen2_moe": {**_MOE, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32, "num_experts": 8,
+                  "num_experts_per_tok": 2},
+})
+MOE_ARCHS = ["qwen3_moe", "mixtral", "gpt_oss", "olmoe"]
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "bert", "roberta", "t5"]
 
 # Token ids below this are special (padding, bos, eos) and left out of random inputs.

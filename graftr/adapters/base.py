@@ -170,3 +170,36 @@ class LinearAdapter(Adapter):
         """Return ``(weight, bias)`` with this adapter folded in (``layout``: "out_in" or "in_out")."""
         self.check_merge()
         raise NotImplementedError
+
+
+class ExpertAdapter(LinearAdapter):
+    """A linear kind's form on an expert site (:class:`graftr.sites.ExpertSite`): it computes on the routed rows
+    (S, in), sorted by expert, with the site's ``offsets`` (E,) saying which rows are whose, and holds parameters per
+    expert (``subset``: the experts a rule's ``match.experts`` selected, :class:`graftr.moe.ExpertSubset`). Its node
+    is ``adapter(x, y, offsets)`` (output) or ``adapter(x, offsets)`` (input). ``merge_into`` folds it into the
+    fused (E, out, in) weight (``layout`` "out_in"; gpt-oss's (E, in, out) is "in_out") and (E, out) bias."""
+
+    def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
+        if self.position == "input":
+            with graph.inserting_before(site.nodes[0]):
+                new = graph.call_module(target, (site.input, site.offsets))
+            site.nodes[0].replace_input_with(site.input, new)
+            _tag(new, site.input, target, type(self).__name__)
+            site.input = new
+        else:
+            old = site.output
+            with graph.inserting_after(old):
+                new = graph.call_module(target, (site.input, old, site.offsets))
+            old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            _tag(new, old, target, type(self).__name__)
+            site.output = new
+        return [new]
+
+    @property
+    def identity_arg(self) -> int:  # (x, y, offsets): y; (x, offsets): x
+        return 1 if self.position == "output" else 0
+
+
+def expert_rows(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """A fused expert weight as (E, out, in) (a view)."""
+    return weight if layout == "out_in" else weight.transpose(1, 2)

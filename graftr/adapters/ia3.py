@@ -9,6 +9,10 @@ One vector ``l``, initialised to ones, per targeted linear layer ``y = W x + b``
 ``l`` is kept in fp32 on any base dtype; the product is cast back to the activation dtype. Merging folds ``l``
 into the rows (output) or columns (input) of ``W``; it is exact up to rounding.
 
+On a Mixture-of-Experts expert site (``op: experts``) each expert has its own vector: ``l ∈ R^{E×F}``, routed row
+``x`` of expert ``e`` scaled by ``l_e`` — on ``mlp.experts.down_proj`` with ``scale: input`` that is the expert's
+intermediate activation, as the dense feed-forward rule (:class:`ExpertIA3`). PEFT has no IA³ on experts.
+
 PEFT's ``IA3`` is this kind exactly (:meth:`IA3.from_peft`, :meth:`IA3.to_peft`; below the class).
 """
 
@@ -19,7 +23,7 @@ import re
 import torch
 from torch import nn
 
-from graftr.adapters.base import LinearAdapter, full_shape
+from graftr.adapters.base import ExpertAdapter, LinearAdapter, expert_rows, full_shape
 from graftr.errors import GraftrError
 from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
@@ -28,7 +32,7 @@ from graftr.adapters.config import IA3Config
 from graftr.registry import register_adapter
 
 
-@register_adapter(IA3Config, ops=("linear",))
+@register_adapter(IA3Config, ops=("linear", "experts"))
 class IA3(LinearAdapter):
     is_scaling = True
 
@@ -48,8 +52,11 @@ class IA3(LinearAdapter):
         self.ia3_l = nn.Parameter(torch.ones(features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_site(cls, config: IA3Config, site, *, device):
-        return cls(site.out_features if config.scale == "output" else site.in_features, config.scale, device)
+    def from_site(cls, config: IA3Config, site, *, device, experts: list[int] | None = None):
+        features = site.out_features if config.scale == "output" else site.in_features
+        if site.op == "experts":
+            return ExpertIA3(site.num_experts, features, config.scale, experts, device)
+        return cls(features, config.scale, device)
 
     def forward(self, x, y=None):
         if self.position == "input":
@@ -70,6 +77,38 @@ class IA3(LinearAdapter):
 
     def extra_repr(self) -> str:
         return f"{self.position}, features={full_shape(self.ia3_l).numel()}"
+
+
+class ExpertIA3(ExpertAdapter, IA3):
+    """IA³ per expert: ``ia3_l`` (k, F) for the k selected experts (the others keep 1)."""
+
+    def __init__(self, num_experts: int, features: int, scale: str, experts: list[int] | None = None, device=None):
+        nn.Module.__init__(self)
+        from graftr.moe import ExpertSubset
+
+        self.position = scale
+        self.subset = ExpertSubset(num_experts, experts, device)
+        self.ia3_l = nn.Parameter(torch.ones(self.subset.count, features, dtype=torch.float32, device=device))
+
+    def forward(self, x, *rest):
+        from graftr.moe import row_experts
+
+        offsets = rest[-1]
+        t = x if self.position == "input" else rest[0]
+        l = self.subset.full(self.ia3_l, fill=1.0)[row_experts(offsets, t.shape[0])]  # (S, F)
+        return (t * l).to(t.dtype)
+
+    def merge_into(self, weight, bias, layout):
+        l = self.subset.full(self.ia3_l.float(), fill=1.0).to(weight.device)  # (E, F)
+        merged = weight.float()
+        rows = expert_rows(merged, layout)  # (E, out, in)
+        rows.mul_(l[:, :, None] if self.position == "output" else l[:, None, :])
+        if bias is not None and self.position == "output":
+            bias = (bias.float() * l).to(bias.dtype)
+        return merged.to(weight.dtype), bias
+
+    def extra_repr(self) -> str:
+        return f"{self.subset.extra_repr()}, {self.position}, features={full_shape(self.ia3_l)[-1]}"
 
 
 # ---- IA3 (graftr kind `ia3`) -------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Merging is exact up to rounding: ``W ← diag(s) W`` (rows for ``nn.Linear``, co
 bias ``← s ⊙ (b0 + b)``. On a site without a bias, the merged graph gains one (a parameter at ``<site>.bias``);
 a Hugging Face checkpoint of such a model has no place for it, so ``graftr merge`` refuses unless ``b`` is zero.
 
+On a Mixture-of-Experts expert site each expert has its own ``s_e`` and ``b_e`` (:class:`ExpertScaleBias`); merging
+folds them into the fused weight and bias, and is refused where the experts have no bias (Mixtral, Qwen3-MoE) and
+``b`` is not zero, as above.
+
 PEFT has no equivalent (no method adds both a bias and a scale per output feature; ``IA3`` is the scale alone), so
 ``graftr export --format peft`` refuses it with that reason.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graftr.adapters.base import LinearAdapter, full_shape
+from graftr.adapters.base import ExpertAdapter, LinearAdapter, expert_rows, full_shape
 from graftr.adapters.config import ScaleBiasConfig
 from graftr.registry import register_adapter
 
@@ -32,7 +36,7 @@ PEFT_REFUSAL = ("scale_bias has no HF PEFT equivalent (PEFT has no tuner adding 
                 "feature; IA3 is the scale alone): keep the graftr adapter, or merge it with graftr merge")
 
 
-@register_adapter(ScaleBiasConfig, ops=("linear",))
+@register_adapter(ScaleBiasConfig, ops=("linear", "experts"))
 class ScaleBias(LinearAdapter):
     position = "output"
     is_scaling = True  # reads only the site's output, never x: an input scaling after it still merges exactly
@@ -44,7 +48,9 @@ class ScaleBias(LinearAdapter):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_site(cls, config: ScaleBiasConfig, site, *, device):
+    def from_site(cls, config: ScaleBiasConfig, site, *, device, experts: list[int] | None = None):
+        if site.op == "experts":
+            return ExpertScaleBias(site.num_experts, site.out_features, experts, device)
         return cls(site.out_features, device)
 
     def forward(self, x, y):
@@ -62,3 +68,40 @@ class ScaleBias(LinearAdapter):
 
     def extra_repr(self) -> str:
         return f"features={full_shape(self.scale).numel()}"
+
+
+class ExpertScaleBias(ExpertAdapter, ScaleBias):
+    """Scale and bias per expert: ``scale``, ``bias`` (k, out) for the k selected experts (the others 1 and 0)."""
+
+    def __init__(self, num_experts: int, out_features: int, experts: list[int] | None = None, device=None):
+        nn.Module.__init__(self)
+        from graftr.moe import ExpertSubset
+
+        self.subset = ExpertSubset(num_experts, experts, device)
+        k = self.subset.count
+        self.scale = nn.Parameter(torch.ones(k, out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(k, out_features, dtype=torch.float32, device=device))
+
+    def forward(self, x, y, offsets):
+        from graftr.moe import row_experts
+
+        rows = row_experts(offsets, y.shape[0])
+        return ((y + self.subset.full(self.bias)[rows]) * self.subset.full(self.scale, fill=1.0)[rows]).to(y.dtype)
+
+    def merge_into(self, weight, bias, layout):
+        s = self.subset.full(self.scale.float(), fill=1.0).to(weight.device)  # (E, out)
+        b = self.subset.full(self.bias.float()).to(weight.device)
+        merged = weight.float()
+        expert_rows(merged, layout).mul_(s[:, :, None])
+        if bias is None:
+            if b.abs().max() > 0:
+                from graftr.errors import MergeError
+
+                raise MergeError("these experts have no bias parameter, so the learned scale_bias bias cannot be "
+                                 "merged into a checkpoint transformers loads; keep the adapter (graftr deploy, "
+                                 "graftr generate)")
+            return merged.to(weight.dtype), None
+        return merged.to(weight.dtype), ((bias.float() + b) * s).to(bias.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.subset.extra_repr()}, features={full_shape(self.scale)[-1]}"
