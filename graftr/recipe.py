@@ -64,7 +64,8 @@ class Match(ConfigModel):
     """Which sites a rule selects. Every selector given must hold; ``layers`` and ``exclude`` only narrow."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
-        "anyOf": [{"required": ["path"]}, {"required": ["module_class"]}, {"required": ["op"]}]})
+        "anyOf": [{"required": ["path"]}, {"required": ["module_class"]}, {"required": ["op"]},
+                  {"required": ["role"]}]})
 
     path: Annotated[Globs, Field(min_length=1)] | None = Field(None, description="module path globs, any may match")
     module_class: Annotated[ClassNames, Field(min_length=1)] | None = Field(
@@ -72,6 +73,9 @@ class Match(ConfigModel):
     op: Literal["linear", "attention", "experts"] | None = Field(
         None, description="the kind of site (experts: a Mixture-of-Experts layer's fused expert projections)")
     layers: LayerSelect | None = Field(None, description="layers of each stack; sites outside any stack are dropped")
+    role: Annotated[ClassNames, Field(min_length=1)] | None = Field(
+        None, description="Mixture-of-Experts roles, any may match: an expert site's weight (gate_up_proj, "
+                          "down_proj, up_proj) or router")
     experts: LayerSelect | None = Field(
         None, description="which experts of each expert site get parameters (first, last, indices, range, as for "
                           "layers); only expert sites are then selected; the others stay as they are")
@@ -82,8 +86,9 @@ class Match(ConfigModel):
 
     @model_validator(mode="after")
     def _has_selector(self) -> Match:
-        if self.path is None and self.module_class is None and self.op is None:
-            raise ValueError("match needs at least one of path, module_class, op (layers and exclude only narrow)")
+        if self.path is None and self.module_class is None and self.op is None and self.role is None:
+            raise ValueError("match needs at least one of path, module_class, op, role (layers, experts and exclude "
+                             "only narrow)")
         return self
 
     def model_post_init(self, context: Any) -> None:
@@ -101,6 +106,8 @@ class Match(ConfigModel):
         if self.module_class is not None and site.module_class not in self.module_class:
             return False
         if self.op is not None and site.op != self.op:
+            return False
+        if self.role is not None and getattr(site, "role", None) not in self.role:
             return False
         if any(p.match(site.path) for p in self._exclude):
             return False
@@ -131,6 +138,8 @@ class Match(ConfigModel):
             parts.append("module_class=" + "|".join(self.module_class))
         if self.op is not None:
             parts.append(f"op={self.op}")
+        if self.role is not None:
+            parts.append("role=" + "|".join(self.role))
         if self.layers is not None:
             parts.append(f"layers={self.layers.describe()}")
         if self.experts is not None:

@@ -31,3 +31,17 @@ def test_bench_smoke_run_reports_every_method(tmp_path):
         assert 0 < row["matmul_bound_vs_peft"] and row["ratio_vs_peft"] > 0 and row["mem_ratio_vs_peft"] > 0
     assert result["inference"]["base_tok_s"] > 0 and result["apply_7b_cold_s"] is None
     assert "| ia3 |" in run.stdout
+
+
+def test_moe_bench_smoke_run_reports_every_variant(tmp_path):
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, str(REPO / "tools/moe_bench.py"), "--layers", "1", "--hidden", "64", "--intermediate",
+           "32", "--experts", "4", "--vocab", "256", "--batch", "2", "--seq", "16", "--rounds", "1", "--warmup", "0",
+           "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == ["floor", "graftr LoRA", "graftr InA p=0.3", "graftr IA³", "graftr scale_bias",
+                              "PEFT LoRA"]
+    assert variants["graftr LoRA"]["trainable"] == variants["PEFT LoRA"]["trainable"] == 1 * 4 * 8 * (64 + 64 + 32 + 64)
+    assert variants["floor"]["trainable"] == 0 and all(v["step_s"] > 0 for v in variants.values())

@@ -11,10 +11,12 @@ command cannot do here (hub weights, several nodes, files outside the repository
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,9 +67,14 @@ def test_every_documented_command_runs(tmp_path):
     copy = fresh_copy(tmp_path / "graftr")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    times = []  # GRAFTR_DOCS_TIMES=FILE writes each command's seconds there (what CI's longest test spends where)
     for doc, command in planned():
+        start = time.perf_counter()
         done = subprocess.run(["bash", "-e", "-c", command], cwd=copy, env=env, capture_output=True, text=True,
                               timeout=900)
+        times.append({"doc": doc, "command": command.splitlines()[0][:160], "s": round(time.perf_counter() - start, 1)})
+        if os.environ.get("GRAFTR_DOCS_TIMES"):
+            Path(os.environ["GRAFTR_DOCS_TIMES"]).write_text(json.dumps(times, indent=1) + "\n")
         assert done.returncode == 0, f"{doc}: {command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert (copy / "runs" / "demo" / "loss.png").is_file() and (copy / "runs" / "compare.png").is_file()
     assert (copy / "runs" / "smollm2" / "loss.png").is_file()  # the README's first command: the real LLM

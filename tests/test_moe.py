@@ -414,3 +414,10 @@ def test_named_expert_adapters_switch_and_disable_to_the_base(tmp_path):
             torch.testing.assert_close(gm(**inputs).logits, base, rtol=0, atol=0)
         gm.set_adapter("default")
         torch.testing.assert_close(gm(**inputs).logits, a, rtol=0, atol=0)
+
+
+def test_role_selects_expert_weights_and_routers_whatever_their_module_names():
+    for arch, router in (("gpt_oss", "router"), ("mixtral", "gate")):
+        gm = graft(tiny_model(arch), parse_recipe(recipe("{kind: ina, inhibition: 0}", "{role: [down_proj, router]}")))
+        assert [s.path for s in gm.plans[0].sites] == [f"model.layers.{i}.mlp.{router}" for i in range(2)] + [
+            f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]

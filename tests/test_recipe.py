@@ -287,8 +287,8 @@ def test_every_problem_at_once_with_lines():
         "r.yaml:8: rules[0].adapter.rank: Input should be a valid integer, unable to parse string as an integer, "
         "got 'eight'",
         "r.yaml:9: rules[1].name: String should match pattern '^[A-Za-z_][A-Za-z0-9_]*$', got 'b-c'",
-        "r.yaml:10: rules[1].match: match needs at least one of path, module_class, op "
-        "(layers and exclude only narrow)",
+        "r.yaml:10: rules[1].match: match needs at least one of path, module_class, op, role "
+        "(layers, experts and exclude only narrow)",
         "r.yaml:13: rules[1].adapter.lenght: Extra inputs are not permitted; did you mean 'length'?",
         "r.yaml:15: rules[2].match.path[0]: bad glob 'a{b': unclosed '{'",
         "r.yaml:17: rules[2].colour: Extra inputs are not permitted",
@@ -364,8 +364,8 @@ def test_duplicate_rule_names_and_duplicate_keys():
 
 def test_empty_match_and_empty_rules():
     assert problems("name: x\nrules:\n  - name: a\n    match: {}\n    adapter: {kind: test_scale}\n") == [
-        "r.yaml:4: rules[0].match: match needs at least one of path, module_class, op "
-        "(layers and exclude only narrow)"]
+        "r.yaml:4: rules[0].match: match needs at least one of path, module_class, op, role "
+        "(layers, experts and exclude only narrow)"]
     assert problems("name: x\nrules: []\n") == ["r.yaml:2: rules: List should have at least 1 item after "
                                                  "validation, not 0"]
 

@@ -10,6 +10,8 @@
 # 2. tests/test_gpu.py: the CUDA paths (bf16 graft equals HF's model on flash SDPA, a 2-step graftr train on one GPU
 #    over NCCL, NF4 on CUDA equals bitsandbytes' own layer, checkpointing equals none), skipped on a machine with
 #    no GPU (CI).
+# 2b. tools/moe_bench.py on the GPU (bf16): LoRA/InA/IA³/scale_bias on every expert of a Qwen3-MoE-shaped model
+#    (64 experts, top-8) against PEFT's target_parameters, step time and memory saved for backward.
 # 3. a Llama-2-7B-shaped checkpoint with random bf16 weights (tools/random_checkpoint.py --device cuda), then
 #    `graftr train` of recipes/ina_llama.yaml on it: bf16, activation checkpointing, 4,096 tokens; and the NF4 base
 #    (recipes/ina_llama_nf4.yaml). graftr prints each step's tokens/s and the measured peak (CUDA max allocated).
@@ -43,6 +45,8 @@ for m in ("transformers", "deepspeed", "bitsandbytes", "peft", "datasets", "pyda
         print(m, "missing:", type(e).__name__, e)
 PY
 part tests $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+part moe $PY tools/moe_bench.py --device cuda --dtype bfloat16 --layers 4 --hidden 1024 --intermediate 768 \
+  --experts 64 --top-k 8 --batch 8 --seq 512 --rounds 5 --json "$OUT/moe_bench.json"
 CKPT=/tmp/llama2-7b-random
 part checkpoint $PY tools/random_checkpoint.py meta-llama/Llama-2-7b-hf $CKPT --device cuda
 mkdir -p /tmp/data7b

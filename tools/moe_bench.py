@@ -2,6 +2,7 @@
 
     python tools/moe_bench.py                  # Qwen3-MoE-shaped: 4 layers, hidden 512, 8 experts × 512, top-2
     python tools/moe_bench.py --experts 32 --top-k 4 --rounds 7 --json moe.json
+    python tools/moe_bench.py --device cuda --dtype bfloat16 --experts 64 --top-k 8 --batch 8 --seq 512   # a GPU
 
 A training step (forward, loss, backward, AdamW step on the trainable parameters) of a random Qwen3-MoE model is
 timed for each variant, **alternating** variants round by round (in a new order each round) so machine drift
@@ -56,7 +57,7 @@ def model(args):
         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8,
         max_position_embeddings=max(512, args.seq), decoder_sparse_step=1, mlp_only_layers=[])
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
 
 
 class Saved:
@@ -111,12 +112,15 @@ def step(module, opt, ids, floor: bool):
 def measure(args) -> dict:
     names = ["floor", *KINDS, "PEFT LoRA"]
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    tolerance = 1e-4 if args.dtype == "float32" else 5e-2
     built = {n: build(n, args) for n in names}
     with torch.no_grad():
         reference = built["floor"][0].eval()(input_ids=ids).logits
         for n, (module, _, _) in built.items():
             diff = (module.eval()(input_ids=ids).logits - reference).abs().max().item()
-            assert diff < 1e-4, f"{n} is not the base at init ({diff})"
+            assert diff < tolerance, f"{n} is not the base at init ({diff})"
             module.train()
     memory = {}
     for n, (module, opt, params) in built.items():
@@ -136,10 +140,14 @@ def measure(args) -> dict:
         rng.shuffle(order)
         for n in order:
             module, opt, _ = built[n]
+            sync()
             t0 = time.perf_counter()
             step(module, opt, ids, n == "floor")
+            sync()
             times[n].append(time.perf_counter() - t0)
-    result = {"config": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (platform.processor()
+                                                                                  or platform.machine())
+    result = {"config": vars(args), "torch": torch.__version__, "machine": machine,
               "threads": torch.get_num_threads(), "variants": {}}
     floor = statistics.median(times["floor"])
     for n in names:
@@ -161,11 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     result = measure(args)
     print(f"{args.layers} layers, hidden {args.hidden}, {args.experts} experts × {args.intermediate}, top-{args.top_k}, "
-          f"batch {args.batch} × {args.seq} tokens, {result['threads']} threads, {args.rounds} alternating rounds")
+          f"batch {args.batch} × {args.seq} tokens, {args.dtype} on {result['machine']}, {result['threads']} threads, "
+          f"{args.rounds} alternating rounds")
     print(f"{'variant':<20} {'step s':>8} {'min-max':>13} {'× floor':>8} {'saved MiB':>10} {'states MiB':>10} "
           f"{'trainable':>11}")
     for n, v in result["variants"].items():

@@ -29,6 +29,7 @@ from graftr.formats import peft as fmt
 from graftr.formats.graftr import load_state_into
 from graftr.grafted import GraftedModel, graft
 from graftr.adapters.config import IA3Config
+from graftr.moe import ExpertSubset, row_experts
 from graftr.registry import register_adapter
 
 
@@ -84,15 +85,11 @@ class ExpertIA3(ExpertAdapter, IA3):
 
     def __init__(self, num_experts: int, features: int, scale: str, experts: list[int] | None = None, device=None):
         nn.Module.__init__(self)
-        from graftr.moe import ExpertSubset
-
         self.position = scale
         self.subset = ExpertSubset(num_experts, experts, device)
         self.ia3_l = nn.Parameter(torch.ones(self.subset.count, features, dtype=torch.float32, device=device))
 
     def forward(self, x, *rest):
-        from graftr.moe import row_experts
-
         offsets = rest[-1]
         t = x if self.position == "input" else rest[0]
         l = self.subset.full(self.ia3_l, fill=1.0)[row_experts(offsets, t.shape[0])]  # (S, F)

@@ -43,6 +43,7 @@ from graftr.formats.graftr import load_state_into
 from graftr.grafted import GraftedModel, graft
 from graftr.errors import GraftrError, MergeError
 from graftr.names import torch_dtype
+from graftr.moe import ExpertSubset, grouped_mm
 from graftr.registry import register_adapter
 
 ACTIVATIONS = {
@@ -135,8 +136,6 @@ class ExpertInA(ExpertAdapter, InA):
     def __init__(self, num_experts: int, in_features: int, out_features: int, config: InAConfig,
                  experts: list[int] | None = None, device=None):
         nn.Module.__init__(self)
-        from graftr.moe import ExpertSubset
-
         dtype = torch_dtype(config.dtype)
         self.rank, self.inhibition, self.activation = config.rank, config.inhibition, config.activation
         self.scaling = config.alpha / config.rank
@@ -152,8 +151,6 @@ class ExpertInA(ExpertAdapter, InA):
                 nn.init.normal_(a, std=1 / config.rank)
 
     def forward(self, x, y, offsets):
-        from graftr.moe import grouped_mm
-
         z = grouped_mm(self.dropout(x.to(self.lora_A.dtype)), self.subset.full(self.lora_A).transpose(1, 2), offsets)
         if self.inhibition > 0:
             threshold = self.inhibition * z.max(dim=-1, keepdim=True).values

@@ -30,6 +30,7 @@ from torch import nn
 
 from graftr.adapters.base import ExpertAdapter, LinearAdapter, expert_rows, full_shape
 from graftr.adapters.config import ScaleBiasConfig
+from graftr.moe import ExpertSubset, row_experts
 from graftr.registry import register_adapter
 
 PEFT_REFUSAL = ("scale_bias has no HF PEFT equivalent (PEFT has no tuner adding a bias and a scale per output "
@@ -75,16 +76,12 @@ class ExpertScaleBias(ExpertAdapter, ScaleBias):
 
     def __init__(self, num_experts: int, out_features: int, experts: list[int] | None = None, device=None):
         nn.Module.__init__(self)
-        from graftr.moe import ExpertSubset
-
         self.subset = ExpertSubset(num_experts, experts, device)
         k = self.subset.count
         self.scale = nn.Parameter(torch.ones(k, out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(k, out_features, dtype=torch.float32, device=device))
 
     def forward(self, x, y, offsets):
-        from graftr.moe import row_experts
-
         rows = row_experts(offsets, y.shape[0])
         return ((y + self.subset.full(self.bias)[rows]) * self.subset.full(self.scale, fill=1.0)[rows]).to(y.dtype)
 
