@@ -161,8 +161,10 @@ class _Run:
         pos = positions(mask)
         next_pos = pos[:, -1:] + 1
         for _ in range(new):
+            last = torch.zeros_like(ids, dtype=torch.bool)
+            last[:, -1] = True  # the head only where a token is chosen: on the prompt step, not at every position
             with cache.step(mask):
-                logits = self.gm(input_ids=ids, attention_mask=mask, position_ids=pos, **self.extra).logits[:, -1]
+                logits = self.gm.logits_at(last, input_ids=ids, attention_mask=mask, position_ids=pos, **self.extra)
             if self.choose(logits) or len(self.tokens) == new:
                 break
             ids, mask, pos = self.tokens[-1][:, None].to(ids.device), torch.ones_like(next_pos), next_pos
