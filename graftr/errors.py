@@ -20,6 +20,10 @@ class MatchError(GraftrError):
     """A rule matched no site, or matched a site its adapter kind cannot attach to."""
 
 
+class LayerCountError(MatchError):
+    """A rule's ``layers`` asks for more layers than a stack has (the match pass adds the relative form as the fix)."""
+
+
 class MergeError(GraftrError):
     """An adapter cannot be folded into the base weights (the message says why)."""
 

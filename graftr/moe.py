@@ -24,9 +24,7 @@ from torch import nn
 
 from graftr.errors import GraftrError
 
-PINNED = "grouped_mm"
-# implementations graftr traces through: its own pin, and what the same code gives on every device
-_SUPPORTED = {PINNED}
+PINNED = "grouped_mm"  # the one implementation graftr traces through
 
 
 def _fallback_op():
@@ -66,7 +64,7 @@ def pin_experts_implementation(model: nn.Module) -> str | None:
         raise GraftrError(f"{name}: expert parallelism is not supported; load the model without it")
     config = getattr(model, "config", first.config)
     before = getattr(config, "_experts_implementation", None) or getattr(first.config, "_experts_implementation", None)
-    if before not in _SUPPORTED:
+    if before != PINNED:
         setter = getattr(model, "set_experts_implementation", None)
         if setter is not None:
             setter(PINNED)

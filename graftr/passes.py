@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from graftr import fxmeta
-from graftr.errors import GraftrError, MatchError
+from graftr.errors import GraftrError, LayerCountError, MatchError
 from graftr.named import DEFAULT, qualified
 from graftr.passbase import GraphPass, PassResult
 from graftr.registry import kind_of
@@ -71,8 +71,6 @@ def _layers_problem(rule, recipe, error: MatchError) -> str:
     """
     where = f"{rule._origin}: " if rule._origin else ""
     layers = rule.match.layers
-    if "experts" in str(error) or layers is None:  # match.experts asked for more experts than a site has
-        return f"{where}rule {rule.name!r}: {error}"
     fix = "write layers: {last_fraction: F} to take the last share F of the layers on any depth"
     count = layers.last or layers.first
     if layers.last is not None and recipe.model:
@@ -103,8 +101,10 @@ def match(index: SiteIndex, recipe) -> list[RulePlan]:
         pool = index.of_ops(kind.ops)
         try:
             selected = [s for s in pool if rule.match.accepts(s, index.stack_sizes)]
-        except MatchError as e:
+        except LayerCountError as e:
             raise MatchError(_layers_problem(rule, recipe, e)) from None
+        except MatchError as e:  # match.experts asks for more experts than a site has
+            raise MatchError(f"{rule._origin + ': ' if rule._origin else ''}rule {rule.name!r}: {e}") from None
         if not selected:
             other = [s for s in index.all() if s not in pool and rule.match.accepts(s, index.stack_sizes)]
             hint = (f"; it would select {len(other)} {other[0].op} site(s), which {kind.name!r} cannot attach to"

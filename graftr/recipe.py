@@ -32,7 +32,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from graftr import registry
 from graftr.configmodel import Boolean, ConfigModel
-from graftr.errors import GraftrError, MatchError, RecipeError
+from graftr.errors import GraftrError, LayerCountError, MatchError, RecipeError
 from graftr.names import Task
 from graftr.sections import QuantizeConfig, VisionConfig
 from graftr.registry import AdapterConfig
@@ -127,7 +127,7 @@ class Match(ConfigModel):
         try:
             return index in self.layers.resolve(stack_sizes[stack])
         except ValueError as e:
-            raise MatchError(f"cannot select layers of {stack!r}: {e}") from None
+            raise LayerCountError(f"cannot select layers of {stack!r}: {e}") from None
 
     def describe(self) -> str:
         """A one-line summary: ``path=model.layers.*.self_attn.{k_proj,v_proj} op=linear layers=last 30``."""

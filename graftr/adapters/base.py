@@ -123,10 +123,14 @@ class LinearAdapter(Adapter):
     is_scaling: ClassVar[bool] = False  # True if the adapter only rescales (y' = y ⊙ l); a branch reads x
     identity_arg: ClassVar[int] = -1  # an output adapter's y, an input adapter's x
 
+    def site_args(self, site) -> tuple:
+        """What the node reads besides the site's input (and, for an output adapter, its output)."""
+        return ()
+
     def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
         if self.position == "input":
             with graph.inserting_before(site.nodes[0]):
-                new = graph.call_module(target, (site.input,))
+                new = graph.call_module(target, (site.input, *self.site_args(site)))
             for n in site.nodes:
                 n.replace_input_with(site.input, new)
             _tag(new, site.input, target, type(self).__name__)
@@ -134,7 +138,7 @@ class LinearAdapter(Adapter):
         else:
             old = site.output
             with graph.inserting_after(old):
-                new = graph.call_module(target, (site.input, old))
+                new = graph.call_module(target, (site.input, old, *self.site_args(site)))
             old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
             _tag(new, old, target, type(self).__name__)
             site.output = new
@@ -179,21 +183,8 @@ class ExpertAdapter(LinearAdapter):
     is ``adapter(x, y, offsets)`` (output) or ``adapter(x, offsets)`` (input). ``merge_into`` folds it into the
     fused (E, out, in) weight (``layout`` "out_in"; gpt-oss's (E, in, out) is "in_out") and (E, out) bias."""
 
-    def graft(self, graph: fx.Graph, site, target: str) -> list[fx.Node]:
-        if self.position == "input":
-            with graph.inserting_before(site.nodes[0]):
-                new = graph.call_module(target, (site.input, site.offsets))
-            site.nodes[0].replace_input_with(site.input, new)
-            _tag(new, site.input, target, type(self).__name__)
-            site.input = new
-        else:
-            old = site.output
-            with graph.inserting_after(old):
-                new = graph.call_module(target, (site.input, old, site.offsets))
-            old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-            _tag(new, old, target, type(self).__name__)
-            site.output = new
-        return [new]
+    def site_args(self, site) -> tuple:
+        return (site.offsets,)
 
     @property
     def identity_arg(self) -> int:  # (x, y, offsets): y; (x, offsets): x
