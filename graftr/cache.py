@@ -156,6 +156,16 @@ class KVCache:
             raise CacheUnsupported(f"{len(self._buffers) - len(self._seen)} attention sites did not run in this step")
         self.length = stop
 
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache of ``len(rows)`` rows, row ``i`` a copy of this cache's row ``rows[i]`` (one prompt continued in
+        several ways: the choices of a multiple-choice question)."""
+        if self._span is not None:
+            raise GraftrError("a KV cache cannot be re-batched inside a step")
+        new = KVCache(len(rows), self.capacity, device=self.valid.device)
+        new.valid, new.length = self.valid[rows], self.length
+        new._buffers = {m: (k[rows], v[rows], group) for m, (k, v, group) in self._buffers.items()}
+        return new
+
     def _mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, T, stop) bool: not padding, not in the future, within the window."""
         if window not in self._masks:

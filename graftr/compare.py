@@ -17,7 +17,8 @@ A comparison is a YAML file (``comparisons/`` holds the shipped ones; each opens
 Every run is one training process of its own (its peak memory is its own): a graftr method runs ``graftr train``
 itself (the product path, every recipe setting as a user gets it); a PEFT method runs graftr's same loop with the
 HF model wrapped by ``peft.get_peft_model`` (:mod:`graftr.baselines`): the same tokenized data, batches, order,
-optimizer, schedule, clipping, loss definition and evaluation. A PEFT method trains with the resolved ``train:``
+optimizer, schedule, clipping, loss definition and evaluation (no sample answers: ``train.samples`` is 0 unless
+the spec sets it). A PEFT method trains with the resolved ``train:``
 settings of its family's graftr method (its lr, schedule, warmup, weight decay), so the two differ only in their
 implementation; its own ``train:`` changes them, and is required where the family has no graftr method.
 
@@ -194,7 +195,9 @@ class Runner:
         if where.exists():  # a run stopped before its summary: start it again
             shutil.rmtree(where)
         where.mkdir(parents=True)
-        shared = {**self.spec.train, **method.train, "seed": seed, "log_every": 1}
+        # no sample answers before and after (train.samples): the comparison shows none, and they cost each run
+        # two generations (SmolLM2: ~10 s a run on one core); a spec or method that wants them sets them
+        shared = {"samples": 0, **self.spec.train, **method.train, "seed": seed, "log_every": 1}
         if method.side == "graftr":
             command = self._graftr_command(method, where, shared)
         else:

@@ -128,15 +128,7 @@ def answer_metric(model, answers, collate, tokenizer, *, batch_size: int = 8) ->
 
 
 def _choice_accuracy(model, answers, collate, batch_size: int, device) -> dict[str, float]:
-    flat = [option for group in answers.options for option in group]
-    scores, counts = [], []  # per option: summed log-likelihood of its scored tokens, and their number
-    for start in range(0, len(flat), batch_size):
-        batch = {k: v.to(device) for k, v in collate(flat[start:start + batch_size]).items()}
-        labels = batch.pop("labels")
-        logits, targets, rows = scored_logits(model, batch, labels, "causal_lm")
-        logprobs = -F.cross_entropy(logits, targets, reduction="none").double()
-        scores += torch.zeros(labels.shape[0], dtype=torch.float64, device=device).index_add_(0, rows, logprobs).tolist()
-        counts += torch.bincount(rows, minlength=labels.shape[0]).tolist()
+    scores, counts = _option_scores(model, answers.options, collate, batch_size, device)
     correct, at, loss, tokens = 0, 0, 0.0, 0
     for group, gold in zip(answers.options, answers.gold):
         mine = scores[at:at + len(group)]
@@ -146,6 +138,115 @@ def _choice_accuracy(model, answers, collate, batch_size: int, device) -> dict[s
     mean = loss / tokens
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": tokens,
             "examples": len(answers), "accuracy": correct / len(answers)}
+
+
+def _option_scores(model, groups: list[list[dict]], collate, batch_size: int, device):
+    """Per option, in order: (summed log-likelihood of its scored tokens, their number). The options of an example
+    share its prompt; where graftr's KV cache applies they run as one prompt step per example and one short step
+    per option on the cached prompt (:func:`_shared_prompt_scores`: the prompt's cost once instead of once per
+    choice), else each option is a row of its own."""
+    from graftr.cache import CacheUnsupported, kv_cache_support
+
+    direct = _direct(model)
+    shared = [_shared_length(group) for group in groups]
+    if (direct is not None and not direct.graftr_outlined and kv_cache_support(direct) is None and all(shared)
+            and set(direct.graftr_input_names) <= {"input_ids", "attention_mask", "position_ids"}):
+        try:
+            return _shared_prompt_scores(direct, groups, shared, batch_size, device)
+        except CacheUnsupported:  # an adapter that changes what attention reads (prefix keys): one row per option
+            pass
+    flat = [option for group in groups for option in group]
+    scores, counts = [], []
+    for start in range(0, len(flat), batch_size):
+        batch = {k: v.to(device) for k, v in collate(flat[start:start + batch_size]).items()}
+        labels = batch.pop("labels")
+        logits, targets, rows = scored_logits(model, batch, labels, "causal_lm")
+        logprobs = -F.cross_entropy(logits, targets, reduction="none").double()
+        per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=device).index_add_(0, rows, logprobs)
+        scores += per_row.tolist()
+        counts += torch.bincount(rows, minlength=labels.shape[0]).tolist()
+    return scores, counts
+
+
+def _shared_prompt_scores(gm, groups: list[list[dict]], shared: list[int], batch_size: int, device):
+    """:func:`_option_scores` with the KV cache: up to ``batch_size`` examples at a time, their ``shared`` tokens
+    (the options' common prefix, up to the first scored token) left-padded in one step whose last position scores
+    each option's first token when it starts there; the cache then repeated per option and the options' remaining
+    tokens run right-padded in one more step. Raises :class:`graftr.cache.CacheUnsupported` where the cache
+    cannot serve the model (found on the first step)."""
+    from graftr.cache import KVCache, enable_kv_cache
+    from graftr.generate import positions
+
+    enable_kv_cache(gm)
+    scores, counts = [], []
+    for start in range(0, len(groups), batch_size):
+        chunk, lengths = groups[start:start + batch_size], shared[start:start + batch_size]
+        width = max(lengths)
+        tail = max(len(o["input_ids"]) - n for group, n in zip(chunk, lengths) for o in group)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (group, n) in enumerate(zip(chunk, lengths)):
+            ids[i, width - n:] = torch.tensor(group[0]["input_ids"][:n])
+            mask[i, width - n:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = KVCache(len(chunk), width + tail, device=device)
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[:, -1] = True
+        with cache.step(mask):
+            first = gm.logits_at(last, input_ids=ids, attention_mask=mask, position_ids=positions(mask))
+        owner = [i for i, group in enumerate(chunk) for _ in group]  # the example of each option
+        cache = cache.select(torch.tensor(owner, device=device))
+        cont, cont_mask, at, targets, rows, heads = _continuations(chunk, lengths, tail)
+        cont_pos = torch.tensor([lengths[i] for i in owner])[:, None] + torch.arange(tail)  # after the prompt
+        with cache.step(cont_mask.to(device)):
+            logits = gm.logits_at(at.to(device), input_ids=cont.to(device), attention_mask=cont_mask.to(device),
+                                  position_ids=cont_pos.to(device))
+        if heads:
+            logits = torch.cat([logits, first[torch.tensor([h[0] for h in heads], device=device)]])
+            targets += [h[2] for h in heads]
+            rows += [h[1] for h in heads]
+        targets, rows = torch.tensor(targets, device=device), torch.tensor(rows, dtype=torch.long, device=device)
+        logprobs = -F.cross_entropy(logits, targets, reduction="none").double()
+        scores += torch.zeros(len(owner), dtype=torch.float64, device=device).index_add_(0, rows, logprobs).tolist()
+        counts += torch.bincount(rows, minlength=len(owner)).tolist()
+    return scores, counts
+
+
+def _continuations(chunk: list[list[dict]], lengths: list[int], tail: int):
+    """The options' tokens after their example's shared ones, right-padded to ``tail``: (ids, mask, the positions
+    whose next token is scored, those tokens, their option's row, and the options whose first scored token comes
+    right after the shared ones as (example, row, token))."""
+    rows_total = sum(len(group) for group in chunk)
+    cont = torch.zeros(rows_total, tail, dtype=torch.long)
+    mask = torch.zeros_like(cont)
+    at = torch.zeros_like(cont, dtype=torch.bool)
+    targets, rows, heads = [], [], []
+    row = 0
+    for i, (group, n) in enumerate(zip(chunk, lengths)):
+        for option in group:
+            tokens, labels = option["input_ids"], option["labels"]
+            cont[row, :len(tokens) - n] = torch.tensor(tokens[n:])
+            mask[row, :len(tokens) - n] = 1
+            if labels[n] != IGNORE_INDEX:  # predicted at the shared tokens' last position
+                heads.append((i, row, labels[n]))
+            for t in range(n, len(tokens) - 1):
+                if labels[t + 1] != IGNORE_INDEX:
+                    at[row, t - n] = True
+                    targets.append(labels[t + 1])
+                    rows.append(row)
+            row += 1
+    return cont, mask, at, targets, rows, heads
+
+
+def _shared_length(group: list[dict]) -> int:
+    """How many leading tokens every option of an example shares, up to its first scored token (0: none)."""
+    limit = min(next((t for t, label in enumerate(o["labels"]) if label != IGNORE_INDEX), len(o["input_ids"]))
+                for o in group)
+    reference = group[0]["input_ids"]
+    n = 0
+    while n < limit and all(o["input_ids"][n] == reference[n] for o in group):
+        n += 1
+    return n
 
 
 def _answer_room(tokenizer, answers) -> int:

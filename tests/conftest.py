@@ -12,9 +12,17 @@ if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 
 # The longest file first: under `--dist loadfile` each worker runs whole files in the order they were collected,
-# and the docs-command test (one test running every documented command in turn, ~20 minutes on two cores) collected
+# and the docs-command test (one test running every documented command in turn, ~20 minutes on one core) collected
 # in alphabetical order would start midway and end the run alone. Started first, the other worker takes the rest.
 FIRST = ("test_docs_commands.py",)
+
+
+def pytest_configure(config):
+    # pytest-xdist >= 3.6 hands out the files with the most tests first (its loadscope reorder, on by default),
+    # which put the docs-command file (two tests, the longest) last: measured, the suite then ended with one worker
+    # running it alone for 20 minutes. The order of collection (FIRST, then the rest) is kept instead.
+    if getattr(config.option, "loadscopereorder", None):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

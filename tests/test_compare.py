@@ -68,6 +68,9 @@ def test_graftr_and_peft_train_alike_and_the_comparison_is_written(setup, capsys
     # the PEFT baseline trained with graftr IA3's resolved settings (lr, schedule, warmup from IA³'s defaults)
     baseline = json.loads((out / "runs" / "peft-ia3" / "seed0" / "baseline.json").read_text())
     assert baseline["train"]["lr"] == 3e-3 and baseline["train"]["seed"] == 0 and baseline["train"]["max_steps"] == 3
+    # no sample answers in a comparison's runs (train.samples 0), on either side
+    manifest = json.loads((out / "runs" / "graftr-ia3" / "seed0" / "run" / "adapter" / "manifest.json").read_text())
+    assert baseline["train"]["samples"] == 0 and manifest["training"]["before"]["answers"] == []
     # the same method on the same batches: the same losses (graftr's fused loss vs transformers' loss)
     losses = {name: [r["loss"] for r in map(json.loads, (out / "runs" / slug / "seed0" / "run" / "metrics.jsonl")
                                              .read_text().splitlines()) if r["kind"] == "train"]

@@ -232,6 +232,43 @@ def test_choice_accuracy_equals_a_manual_likelihood_loop(answers_set):
     assert got["loss"] == pytest.approx(evaluate(gm, loader(evaluation, 2))["loss"], abs=1e-5)
 
 
+MIXED = [("Is fire hot or cold?", "hot"), ("Is snow hot or cold?", "cold as ice"), ("Is tea hot or cold?", "warm"),
+         ("Is ice hot or cold?", "cold"), ("Is lava hot or cold?", "hot")]
+KINDS = {"ia3": "{kind: ia3}", "gated_prompt": "{kind: gated_prompt, length: 3}",
+         "prefix": "{kind: gated_prompt, length: 3, mode: prefix}", "ina": "{kind: ina, rank: 4}"}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_choices_share_their_prompt_and_score_as_one_row_each(tmp_path, kind, monkeypatch):
+    """Where the KV cache applies, the choices of an example run their shared prompt once and their answers on the
+    cached prompt; the scores equal one row per option (choices of different lengths, sharing a first token or
+    not, on every kind); an adapter that adds keys to attention (prefix prompts) scores one row per option."""
+    import graftr.evaluate as evaluating
+
+    target = "model.layers.*.self_attn" + ("" if kind in ("gated_prompt", "prefix") else ".{k_proj,v_proj}")
+    recipe = f"name: {kind}\nrules:\n  - {{name: r, match: {{path: \"{target}\"}}, adapter: {KINDS[kind]}}}\n" \
+             "train: {data: {format: alpaca}}\n"
+    (tmp_path / "data").mkdir()
+    rows = [{"instruction": q, "input": "", "output": a, "choices": ["hot", "cold as ice", "warm", "cold"]}
+            for q, a in MIXED]
+    write_split(tmp_path / "data" / "validation.jsonl", rows)
+    write_split(tmp_path / "data" / "train.jsonl", rows[:1])
+    gm = adapted(tmp_path, "llama", recipe)
+    gm.eval()
+    tok = tokenizer()
+    _, _, info = build_datasets(str(tmp_path / "data"), DataConfig(format="alpaca"), tok, task="causal_lm")
+    shared = []  # the runs that shared the prompt to the end
+    real = evaluating._shared_prompt_scores
+    monkeypatch.setattr(evaluating, "_shared_prompt_scores", lambda *a: (real(*a), shared.append(kind))[0])
+    with torch.no_grad():
+        got = evaluating._option_scores(gm, info.answers.options, Collator(tok), 3, "cpu")
+        monkeypatch.setattr(evaluating, "_direct", lambda model: None)  # one row per option, full logits
+        rowwise = evaluating._option_scores(gm, info.answers.options, Collator(tok), 3, "cpu")
+    assert shared == ([] if kind == "prefix" else [kind])
+    assert got[1] == rowwise[1] and len(got[0]) == 4 * len(MIXED)
+    assert got[0] == pytest.approx(rowwise[0], abs=1e-4)
+
+
 def test_exact_match_compares_greedy_answers(answers_set, monkeypatch):
     from graftr.evaluate import answer_metric, greedy_answers
 

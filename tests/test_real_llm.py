@@ -73,8 +73,17 @@ def test_the_real_llm_answers(real, hf_model):
     assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
 
 
+@pytest.fixture(scope="module")
+def traced_once():
+    """The recipes below graft the same model object: traced once (graftr.trace.reuse_traces), each graph its own."""
+    from graftr.trace import reuse_traces
+
+    with reuse_traces():
+        yield
+
+
 @pytest.mark.parametrize("name", LM_RECIPES)
-def test_every_shipped_lm_recipe_is_the_identity_at_init_on_the_real_llm(real, hf_model, name):
+def test_every_shipped_lm_recipe_is_the_identity_at_init_on_the_real_llm(real, hf_model, traced_once, name):
     from graftr import graft
 
     tokenizer = load_tokenizer(real)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import pytest
 import torch
@@ -285,3 +286,65 @@ def test_build_model_heads_and_errors():
         models.build_model(config, "seq2seq_lm")
     with pytest.raises(GraftrError, match="unknown task"):
         models.build_model(config, "captioning")
+
+
+def test_reused_traces_give_graphs_of_their_own(monkeypatch):
+    """``graftr train`` builds its model on meta twice (the memory estimate, then the model its weights go into):
+    inside ``reuse_traces`` the second is not traced again, yet each graph is its own (outlining one leaves the other
+    flat); a model holding weights is reused only as the same object with the same tensors, and nothing is reused
+    outside the block."""
+    from graftr.grafted import prepare
+    from graftr.materialize import build_empty
+    from graftr.outline import outline_layers
+    from graftr.trace import reuse_traces
+
+    calls = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = tiny_config("llama")
+    with reuse_traces():
+        first = prepare(build_empty(config, "causal_lm"))
+        second = prepare(build_empty(config, "causal_lm"))
+        assert len(calls) == 1
+        prepare(build_empty(tiny_config("llama", num_hidden_layers=3), "causal_lm"))  # another model
+        assert len(calls) == 2
+        weighted = tiny_model("llama")
+        prepare(weighted)
+        prepare(tiny_model("llama"))  # weights: never shared between two models
+        assert len(calls) == 4
+        again = prepare(weighted)  # the same model, the same tensors
+        assert len(calls) == 4 and again.get_parameter("lm_head.weight") is weighted.lm_head.weight
+        weighted.lm_head.weight = torch.nn.Parameter(weighted.lm_head.weight.detach().clone())
+        prepare(weighted)  # a tensor replaced: traced again
+        assert len(calls) == 5
+    prepare(build_empty(config, "causal_lm"))
+    assert len(calls) == 6
+    outline_layers(first)
+    assert first.graftr_outlined and not second.graftr_outlined
+    assert first.graph is not second.graph
+    assert len(second.site_index.linear) == len(prepare(tiny_model("llama")).site_index.linear)
+
+
+def test_graftr_train_traces_its_model_once(tmp_path, monkeypatch):
+    from after_training_kit import model_dir
+
+    from graftr import cli
+
+    model_dir(tmp_path / "llama", "llama")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps({"text": f"a short line {i}"}) + "\n"
+                                                         for i in range(8)))
+    (tmp_path / "r.yaml").write_text("name: r\nrules:\n  - {name: ia3, adapter: {kind: ia3}, match: "
+                                     "{path: 'model.layers.*.self_attn.v_proj'}}\n"
+                                     "train: {max_steps: 1, micro_batch_size: 2}\n")
+    calls = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    saved = dict(os.environ)  # an in-process run sets the launch variables
+    try:
+        assert cli.main(["train", str(tmp_path / "r.yaml"), "--model", str(tmp_path / "llama"), "--data",
+                         str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert len(calls) == 1

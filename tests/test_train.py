@@ -124,6 +124,27 @@ def root(tmp_path_factory):
     return root
 
 
+
+def test_sample_answers_before_and_after_as_many_as_asked(root, tmp_path, capsys):
+    """``train.samples``: the first N held-out prompts answered before and after training (4 by default), recorded
+    in the adapter's manifest, the first shown; 0 generates none."""
+    rows = [{"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", rows)
+    path = recipe(tmp_path / "s.yaml", [RULES["ia3"]], "max_steps: 1\nmicro_batch_size: 4\n")
+    shown = {}
+    for samples in (None, 2, 0):
+        out = tmp_path / f"out{samples}"
+        capsys.readouterr()
+        assert cli.main(["train", path, "--model", str(root / "llama"), "--data", str(tmp_path / "data"),
+                         "--out", str(out), *([f"train.samples={samples}"] if samples is not None else [])]) == 0
+        training = json.loads((out / "adapter" / "manifest.json").read_text())["training"]
+        shown[samples] = (training["before"]["answers"], training["before"]["answers_after"],
+                          "answer before training:" in capsys.readouterr().out)
+    assert [(len(before), len(after), line) for before, after, line in shown.values()] == \
+        [(4, 4, True), (2, 2, True), (0, 0, False)]
+    assert shown[2][0] == shown[None][0][:2]  # the same first prompts, answered the same way
+
 # ---- one process: the loss falls, the adapter loads back ---------------------------------------------------
 
 LOWERS = """

@@ -85,6 +85,8 @@ class TrainConfig(ConfigModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (and always at the end); 0: end only")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (and at the end); 0: no checkpoints")
     log_every: int = Field(10, ge=1, description="print and record the mean loss every N steps")
+    samples: int = Field(4, ge=0, description="held-out prompts answered greedily before and after training (a "
+                         "causal LM on alpaca or chat data; the summary shows the first); 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also parameters")

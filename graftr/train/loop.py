@@ -684,29 +684,30 @@ def held_out_key(metrics: dict) -> str | None:
     return next((k for k in ("accuracy", "exact_match") if k in metrics), None)
 
 
-def samples(engine, data: Data) -> list[str]:
-    """Greedy answers to the first :data:`SAMPLES` held-out prompts (a language model trained on alpaca or chat
-    data; else none), shown before and after training; every rank generates (ZeRO-3 gathers collectively)."""
+def samples(engine, data: Data, count: int) -> list[str]:
+    """Greedy answers to the first ``count`` held-out prompts (``train.samples``; a language model trained on alpaca
+    or chat data; else none), shown before and after training; every rank generates (ZeRO-3 gathers collectively)."""
     from graftr.evaluate import greedy_answers
 
-    prompts = sample_prompts(data)
+    prompts = sample_prompts(data, count)
     if not prompts or "pixel_values" in getattr(getattr(engine, "module", engine), "graftr_input_names", ()):
         return []  # an image-conditioned model answers about an image: graftr generate --image shows that
     return [" ".join(text.split()) for text in greedy_answers(engine, data.tokenizer, prompts,
                                                               max_new_tokens=SAMPLE_TOKENS)]
 
 
-SAMPLES, SAMPLE_TOKENS = 4, 32  # held-out prompts answered before and after training, and their new tokens
+SAMPLE_TOKENS = 32  # new tokens of the held-out answers shown before and after training
 
 
-def sample_prompts(data: Data) -> list[list[int]]:
-    """The token ids of the first held-out examples up to their answers (causal LMs with alpaca or chat data)."""
-    if data.task != "causal_lm" or data.eval_set is None:
+def sample_prompts(data: Data, count: int) -> list[list[int]]:
+    """The token ids of the first ``count`` held-out examples up to their answers (causal LMs with alpaca or chat
+    data)."""
+    if data.task != "causal_lm" or data.eval_set is None or count == 0:
         return []
     if data.answers is not None:
-        return data.answers.prompts[:SAMPLES]
+        return data.answers.prompts[:count]
     prompts = []
-    for i in range(min(SAMPLES, len(data.eval_set))):
+    for i in range(min(count, len(data.eval_set))):
         example = data.eval_set[i]
         first = next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX), None)
         if first:
@@ -804,6 +805,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     import torch.distributed as dist
 
     from graftr import baselines
+    from graftr.trace import reuse_traces
     from graftr.train import checkpoint
     from graftr.train.memory import PeakMemory
     from graftr.train.metrics import Recorder, progress_bar
@@ -817,10 +819,11 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     start_from = starting_point(run, resume)
     try:
         data = setup_data(run, recipe, model_id, data)
-        estimate_memory(run, recipe, data)  # on meta, before the measurement starts
-        setup_memory(run, device)  # return freed memory to the system where the estimate says memory is tight
-        memory = PeakMemory(device)  # after the data (and the libraries it imports), before any weight is read
-        gm = setup_model(run, recipe, data, device)
+        with reuse_traces():  # the estimate's model and the trained one: the same meta model, traced once
+            estimate_memory(run, recipe, data)  # on meta, before the measurement starts
+            setup_memory(run, device)  # return freed memory to the system where the estimate says memory is tight
+            memory = PeakMemory(device)  # after the data (and the libraries it imports), before any weight is read
+            gm = setup_model(run, recipe, data, device)
         # before DeepSpeed: ZeRO-3 leaves empty placeholders in the module
         counts = gm.trainable_counts() if hasattr(gm, "trainable_counts") else baselines.trainable_counts(gm)
         batches = setup_batches(run, data, gm)
@@ -844,7 +847,7 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
     before = None  # the base model's held-out numbers and sample answer, shown again beside the trained ones
     if batches.eval_loader is not None and progress.step == 0:
         before = {"eval": run_eval(run, engine, batches, progress, data, recorder),  # the curve starts at the base
-                  "samples": samples(engine, data)}
+                  "samples": samples(engine, data, cfg.samples)}
         if before["samples"]:
             say(f"answer before training: {before['samples'][0]!r}")
     flat_noted = False
@@ -910,8 +913,8 @@ def train(recipe, *, model_id: str | None, data: str, out: str | Path, resume: b
 
     shown = None
     if before is not None:
-        shown = {**before, "after": samples(engine, data),
-                 "references": data.answers.references[:SAMPLES] if data.answers is not None else None}
+        shown = {**before, "after": samples(engine, data, cfg.samples),
+                 "references": data.answers.references[:cfg.samples] if data.answers is not None else None}
     summary = write_adapter(run, recipe, gm, engine, progress, batches, counts, console, memory, shown)
     dist.barrier()  # no rank leaves before the adapter is written
     return summary
