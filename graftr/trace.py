@@ -186,7 +186,7 @@ def _reuse_key(model: nn.Module, spec: TraceSpec, dynamic: bool):
 
 def export(model: nn.Module, spec: TraceSpec | None = None, *, dynamic: bool = True) -> torch.export.ExportedProgram:
     """``torch.export`` the model (non-strict) in training mode with dynamic batch and sequence dims (inside
-    :func:`reuse_traces`, a meta model traced before in the block is not traced again).
+    :func:`reuse_traces`, the same model exported before in the block is not traced again).
 
     ``dynamic=False`` traces the example shapes only, in half the time: for a plan that is never run (``graftr
     apply`` on the ``meta`` device), where the graph's ops, parameters and sites are the same.

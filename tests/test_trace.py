@@ -319,10 +319,10 @@ def test_reused_traces_give_graphs_of_their_own(monkeypatch):
         assert len(calls) == 5
     prepare(build_empty(config, "causal_lm"))
     assert len(calls) == 6
+    sites = len(first.site_index.linear)
     outline_layers(first)
     assert first.graftr_outlined and not second.graftr_outlined
-    assert first.graph is not second.graph
-    assert len(second.site_index.linear) == len(prepare(tiny_model("llama")).site_index.linear)
+    assert first.graph is not second.graph and len(second.site_index.linear) == sites > 0
 
 
 def test_graftr_train_traces_its_model_once(tmp_path, monkeypatch):
