@@ -181,15 +181,9 @@ def _shared_prompt_scores(gm, groups: list[list[dict]], shared: list[int], batch
     scores, counts = [], []
     for start in range(0, len(groups), batch_size):
         chunk, lengths = groups[start:start + batch_size], shared[start:start + batch_size]
-        width = max(lengths)
         tail = max(len(o["input_ids"]) - n for group, n in zip(chunk, lengths) for o in group)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (group, n) in enumerate(zip(chunk, lengths)):
-            ids[i, width - n:] = torch.tensor(group[0]["input_ids"][:n])
-            mask[i, width - n:] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        cache = KVCache(len(chunk), width + tail, device=device)
+        ids, mask = left_padded([group[0]["input_ids"][:n] for group, n in zip(chunk, lengths)], 0, device)
+        cache = KVCache(len(chunk), ids.shape[1] + tail, device=device)
         last = torch.zeros_like(mask, dtype=torch.bool)
         last[:, -1] = True
         with cache.step(mask):
@@ -273,8 +267,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
         if new < 1:
             texts += [""] * len(rows)
             continue
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+        ids, mask = left_padded(rows, pad, device)
         if isinstance(inner, GraftedModel):
             from graftr.generate import eos_ids, generate_ids
 
@@ -287,6 +280,14 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
                                     do_sample=False, eos_token_id=sorted(eos), pad_token_id=pad)[:, width:]
         texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return texts
+
+
+def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows left-padded with ``pad`` into one batch: (ids, attention mask), both (B, longest)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def _listed(value) -> list:
