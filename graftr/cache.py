@@ -16,6 +16,10 @@ query (gated prompts) leave SDPA's inputs alone, so they stay exact under cachin
 decoder families in :data:`CACHE_FAMILIES` whose every layer attends through one SDPA call, see
 :func:`kv_cache_support`; an adapter that changes what SDPA attends over (prefix keys) is detected at the first
 step and raises :class:`CacheUnsupported`.
+
+:class:`ExplicitKV` is the same cache as values, for ``torch.export`` (``graftr deploy``): the past keys and values
+come in as tensors and the extended ones go out, so an exported step writes no buffer. It also attends over keys an
+adapter prepends to the tokens' (prefix prompts) without caching them.
 """
 
 from __future__ import annotations
@@ -167,16 +171,9 @@ class KVCache:
         return new
 
     def _mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, T, stop) bool: not padding, not in the future, within the window."""
         if window not in self._masks:
             start, stop = self._span
-            device = self.valid.device
-            query = torch.arange(start, stop, device=device)[:, None]
-            key = torch.arange(stop, device=device)[None, :]
-            allowed = key <= query
-            if window is not None:
-                allowed &= key > query - window
-            self._masks[window] = self.valid[:, None, None, :stop] & allowed
+            self._masks[window] = visible(self.valid[:, :stop], start, window)
         return self._masks[window]
 
     def attend(self, module: CachedSDPA, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -200,10 +197,92 @@ class KVCache:
     def _allocate(self, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Buffers for one site. Keys repeated from ``kv_heads`` groups (HF's repeat_kv) are stored once per group
         and regrouped by SDPA's ``enable_gqa``; the repetition is checked on the first step's keys and values."""
-        group = k.shape[1] // kv_heads if kv_heads and k.shape[1] % kv_heads == 0 else 1
-        if group > 1 and not all(torch.equal(t, t[:, ::group].repeat_interleave(group, dim=1)) for t in (k, v)):
-            group = 1
+        group = key_group(k, v, kv_heads)
         heads = k.shape[1] // group
         keys = k.new_zeros(self.batch, heads, self.capacity, k.shape[-1])
         values = v.new_zeros(self.batch, heads, self.capacity, v.shape[-1])
         return keys, values, group
+
+
+def key_group(k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> int:
+    """How many adjacent heads of ``k`` and ``v`` (B, heads, T, ·) repeat one key head (HF's ``repeat_kv``); 1 if
+    they do not, or the attention keeps its ``kv_heads`` heads itself (SDPA's ``enable_gqa``)."""
+    group = k.shape[1] // kv_heads if kv_heads and k.shape[1] % kv_heads == 0 else 1
+    if group > 1 and not all(torch.equal(t, t[:, ::group].repeat_interleave(group, dim=1)) for t in (k, v)):
+        group = 1
+    return group
+
+
+def visible(valid: torch.Tensor, start: int, window: int | None) -> torch.Tensor:
+    """(B, 1, T, S) bool: which of the ``S`` keys (sequence slots ``0..S-1``, ``valid`` (B, S) marking real tokens)
+    each query at slots ``start..S-1`` sees: not padding, not in the future, within a sliding ``window``."""
+    stop = valid.shape[1]
+    query = torch.arange(start, stop, device=valid.device)[:, None]
+    key = torch.arange(stop, device=valid.device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    return valid[:, None, None, :] & allowed
+
+
+class ExplicitKV:
+    """The cache as values, for an exported program: each site's past keys and values come in as tensors and the
+    extended ones go out (no buffer is written). Active like a :class:`KVCache` (``with cache.active():``) while the
+    graph runs one step; ``valid`` (B, P + T) marks the real tokens of the past and of the step.
+
+    ``past``: one ``(keys, values)`` pair (B, heads, P, head_dim) per attention site, in ``sites`` order; ``groups``:
+    each site's key-head grouping, as :meth:`KVCache._allocate` found it on an eager step (:func:`kv_groups`).
+    ``present`` holds the pairs of P + T slots after the step. Keys an adapter prepends to the tokens' (prefix
+    prompts: ``prefix`` of them at the front, the same at every step) are attended over, visible to every query, and
+    not cached."""
+
+    def __init__(self, sites: list[CachedSDPA], past: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 valid: torch.Tensor, groups: list[int | None]):
+        self.index = {module: i for i, module in enumerate(sites)}
+        self.past, self.valid, self.groups = past, valid, groups
+        self.present: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(sites)
+
+    @contextlib.contextmanager
+    def active(self):
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+        if any(p is None for p in self.present):
+            raise CacheUnsupported(f"{self.present.count(None)} attention sites did not run in this step")
+
+    def attend(self, module: CachedSDPA, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        i = self.index[module]
+        prefix = k.shape[-2] - q.shape[-2]  # keys an adapter put before the step's tokens
+        if self.groups[i] is None:  # a probe (kv_groups): no past yet
+            self.groups[i] = key_group(k[..., prefix:, :], v[..., prefix:, :], module.kv_heads)
+            heads = k.shape[1] // self.groups[i]
+            empty = k.new_zeros(k.shape[0], heads, 0, k.shape[-1])
+            self.past[i] = (empty, v.new_zeros(v.shape[0], heads, 0, v.shape[-1]))
+        group, (past_k, past_v) = self.groups[i], self.past[i]
+        keys = torch.cat([past_k, k[:, ::group, prefix:]], dim=2)
+        values = torch.cat([past_v, v[:, ::group, prefix:]], dim=2)
+        self.present[i] = (keys, values)
+        mask = visible(self.valid, keys.shape[2] - q.shape[-2], module.window)
+        if prefix:
+            keys = torch.cat([k[:, ::group, :prefix], keys], dim=2)
+            values = torch.cat([v[:, ::group, :prefix], values], dim=2)
+            mask = torch.cat([mask.new_ones(*mask.shape[:3], prefix), mask], dim=3)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=module.scale,
+                                              enable_gqa=group > 1 or module.enable_gqa)
+
+
+def cached_sites(gm) -> list[CachedSDPA]:
+    """The :class:`CachedSDPA` module of every attention site of ``gm``, in graph order (after :func:`enable_kv_cache`)."""
+    return [gm.get_submodule(site.node.target) for site in gm.site_index.attention]
+
+
+def kv_groups(gm, sites: list[CachedSDPA], example: dict[str, torch.Tensor]) -> list[tuple[int, int, int]]:
+    """``(group, heads, head_dim)`` of each site's cached keys (:func:`key_group`), from one eager step of
+    ``example`` (the graph's keyword inputs, ``attention_mask`` included) with an empty :class:`ExplicitKV`."""
+    mask = example["attention_mask"]
+    probe = ExplicitKV(sites, [None] * len(sites), mask.bool(), [None] * len(sites))
+    with torch.no_grad(), probe.active():
+        gm(**example)
+    return [(probe.groups[i], keys.shape[1], keys.shape[3]) for i, (keys, _) in enumerate(probe.present)]

@@ -238,6 +238,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 COMMAND_MODULES = {
     "train": ("graftr.train.command", "train a recipe's adapters with DeepSpeed (one process or many)"),
     "merge": ("graftr.merge", "fold mergeable adapters into the base weights and write a plain HF model directory"),
+    "deploy": ("graftr.deploy", "export the adapted model as programs that run with torch alone (model.pt2, a "
+                                "KV-cache step, the tokenizer): non-mergeable adapters included"),
     "export": ("graftr.formats.command", "write an adapter in another format (PEFT)"),
     "generate": ("graftr.generate", "generate text with a grafted model"),
     "eval": ("graftr.evaluate", "evaluate a grafted model: loss/perplexity or accuracy on a dataset, or lm-eval "

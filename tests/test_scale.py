@@ -361,10 +361,11 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
         assert abs(estimated - measured) <= 0.25 * measured, (mode, measured / 2**30, estimated / 2**30)
 
 
-def test_freed_memory_goes_back_to_the_system_only_where_memory_is_tight():
+def test_freed_memory_goes_back_to_the_system_only_where_memory_is_tight_or_the_model_is_large():
     """train.return_freed_memory: auto fixes glibc's mmap threshold (a page fault per 4 KiB of every large tensor,
-    every step) only when the estimate of the machine's training processes exceeds half the memory available."""
-    from graftr.train.memory import TIGHT, decide
+    every step) only when the estimate of the machine's training processes exceeds half the memory available, or
+    the model has 3B parameters or more."""
+    from graftr.train.memory import LARGE, TIGHT, decide
 
     gib = 2**30
     assert TIGHT == 0.5
@@ -376,3 +377,8 @@ def test_freed_memory_goes_back_to_the_system_only_where_memory_is_tight():
     assert decide("never", 100 * gib, 1, gib) == (False, None)
     apply, note = decide("always", None, 1, None)
     assert apply and "train.return_freed_memory: always" in note
+    assert LARGE == 3_000_000_000
+    apply, note = decide("auto", 4 * gib, 1, 20 * gib, parameters=6_742_609_920)  # the 7B NF4 run: 4 of 20 GiB
+    assert apply and note.startswith("a 6.7B-parameter model: freed activations go back")
+    assert decide("auto", 2 * gib, 1, 20 * gib, parameters=134_515_008) == (False, None)  # SmolLM2
+    assert decide("never", 4 * gib, 1, 20 * gib, parameters=6_742_609_920) == (False, None)

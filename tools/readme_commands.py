@@ -47,7 +47,10 @@ SKIP = [
     (re.compile(r"^python -m pytest"), "the test suite itself"),
     (re.compile(r"^graftr compare comparisons/\S+ --out "), "a whole comparison (three seeds of every method: 20 "
                                                              "minutes to hours of CPU): docs/results.md reports its runs"),
-    (re.compile(r"^python tools/(train_bench|memory_options|moe_bench)\.py"), "a benchmark (minutes to an hour of CPU): docs/benchmarks.md reports "
+    (re.compile(r"^graftr deploy "), "exports (and with --compile compiles) SmolLM2, minutes of CPU: tests/test_deploy.py "
+                                      "deploys every adapter kind on tiny models, docs/benchmarks.md reports the "
+                                      "SmolLM2 run"),
+    (re.compile(r"^python tools/(train_bench|memory_options|moe_bench|deploy_bench)\.py"), "a benchmark (minutes to an hour of CPU): docs/benchmarks.md reports "
                                                     "its runs"),
     (re.compile(r"^python tools/make_task_data\.py"), "rewrites the shipped data files (tests/test_real_llm.py "
                                                        "checks they are what it writes)"),

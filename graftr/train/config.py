@@ -101,7 +101,7 @@ class TrainConfig(ConfigModel):
     return_freed_memory: Literal["auto", "always", "never"] = Field(
         "auto", description="CPU only: give freed activations back to the system at once (glibc's mmap threshold "
         "fixed at 128 KiB: less peak memory, but a page fault per 4 KiB of every large tensor on every step); auto: "
-        "when graftr's memory estimate exceeds half the memory available")
+        "when graftr's memory estimate exceeds half the memory available, or the model has 3B parameters or more")
     activation_checkpointing: Literal["none", "layers"] = Field(
         "none", description="layers: recompute each decoder layer in backward instead of keeping its activations "
         "(dropout masks restored: same results, less memory, one more forward per step)")

@@ -88,6 +88,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     defaults: str | None = None  # which train: settings came from the adapter kinds' papers (the start line says)
     estimate: int | None = None  # graftr estimate's bytes per rank (rank 0; None: not available for this model)
+    parameters: int | None = None  # the model's parameters, frozen and trainable, as the estimate counted them
     title: str = ""  # of the run's plot: "<recipe> on <model>"
     created: list[Path] = field(default_factory=list)  # the directories check_out made for --out (rank 0)
 
@@ -166,6 +167,7 @@ def estimate_memory(run: Run, recipe, data: Data) -> None:
         run.say(f"[dim]memory estimate not available: {reason}[/]")
         return
     run.estimate = est.total
+    run.parameters = est.counts.get("base", 0) + est.counts.get("trainable", 0)
     run.say(f"[dim]{est.line()}[/]")
 
 
@@ -185,11 +187,11 @@ def setup_memory(run: Run, device: torch.device) -> None:
 
     if device.type != "cpu":
         return
-    estimate = [run.estimate]  # rank 0's (the other ranks do not estimate)
+    estimate = [run.estimate, run.parameters]  # rank 0's (the other ranks do not estimate)
     if run.world > 1:
         dist.broadcast_object_list(estimate, src=0)
     apply, note = memory.decide(run.cfg.return_freed_memory, estimate[0], int(os.environ.get("LOCAL_SIZE", "1")),
-                                memory.available())
+                                memory.available(), parameters=estimate[1])
     if apply and memory.return_freed_memory() and note:
         run.say(f"[yellow]note:[/] {note}")
 

@@ -31,6 +31,10 @@ def _status() -> dict[str, int]:
 # memory available at the start: there the retained heap can decide whether the run fits; below it the run fits
 # either way and keeps the faster steps
 TIGHT = 0.5
+# ... or when the model has this many parameters: there the heap keeps gigabytes (0.84 GiB, 17 % of the 7B NF4 run's
+# peak) and the page faults are a small part of a step (+6.6 % on that run), while on SmolLM2-135M they cost +60 %
+# for 0.27 GiB (docs/benchmarks.md)
+LARGE = 3_000_000_000
 MMAP_THRESHOLD = 128 * 1024  # glibc's default mmap threshold, made fixed
 
 
@@ -45,8 +49,8 @@ def return_freed_memory() -> bool:
 
     The cost is a page fault (and the kernel zeroing the page) per 4 KiB of every new tensor above 128 KiB, on
     every step: measured on SmolLM2-135M (IA³, batch 8 × ~70 tokens, 2 cores), 3.1 s a step instead of 1.9 s for
-    0.27 GiB less peak (docs/benchmarks.md). So ``graftr train`` applies it only where memory is tight
-    (:func:`decide`).
+    0.27 GiB less peak (docs/benchmarks.md). So ``graftr train`` applies it only where memory is tight or the
+    model is large (:func:`decide`).
     """
     import ctypes
     import ctypes.util
@@ -73,23 +77,28 @@ def available() -> int | None:
     return None
 
 
-def decide(setting: str, estimate: int | None, local_processes: int, free: int | None) -> tuple[bool, str | None]:
+def decide(setting: str, estimate: int | None, local_processes: int, free: int | None,
+           parameters: int | None = None) -> tuple[bool, str | None]:
     """Whether this CPU process returns freed memory to the system (``train.return_freed_memory``), and the note
     that says why when it does.
 
     ``auto``: when the estimated peak of this machine's training processes (``estimate`` per process ×
-    ``local_processes``) exceeds :data:`TIGHT` of the memory ``free`` at the start; without an estimate or a
-    reading of the free memory, not."""
+    ``local_processes``) exceeds :data:`TIGHT` of the memory ``free`` at the start, or the model has
+    :data:`LARGE` ``parameters`` or more; without an estimate, not."""
     if setting == "always":
         return True, "train.return_freed_memory: always (freed activations go back to the system; slower steps)"
-    if setting == "never" or estimate is None or not free:
+    if setting == "never" or estimate is None:
         return False, None
     need = estimate * local_processes
-    if need <= TIGHT * free:
-        return False, None
-    return True, (f"memory is tight ({gib(need)} estimated for {local_processes} process(es), {gib(free)} available):"
-                  " freed activations go back to the system at some cost in step time (train.return_freed_memory: "
-                  "never turns this off)")
+    if free and need > TIGHT * free:
+        return True, (f"memory is tight ({gib(need)} estimated for {local_processes} process(es), {gib(free)} "
+                      "available): freed activations go back to the system at some cost in step time "
+                      "(train.return_freed_memory: never turns this off)")
+    if parameters is not None and parameters >= LARGE:
+        return True, (f"a {parameters / 1e9:.1f}B-parameter model: freed activations go back to the system (the "
+                      "heap would keep gigabytes; its page faults cost a few percent of such a model's steps; "
+                      "train.return_freed_memory: never turns this off)")
+    return False, None
 
 
 def _reset_high_water_mark() -> None:
