@@ -103,11 +103,14 @@ def bank_adapters(gm, names: list[str]) -> int:
     from graftr import fxmeta
     from graftr.generate import positions
     from graftr.named import named, remove, set_active
+    from graftr.trace import add_graph_input
 
     if len(names) < 2:
         raise GraftrError("a bank needs two or more adapters")
     if gm.graftr_outlined:
         raise GraftrError("cannot bank adapters on an outlined graph (activation checkpointing is on)")
+    if "pixel_values" in gm.graftr_input_names:
+        raise GraftrError("adapters with an image input (vision:) hold the model alone; they cannot share a batch")
     records = [named(gm, n) for n in names]
     first = records[0]
     for record in records[1:]:
@@ -131,15 +134,10 @@ def bank_adapters(gm, names: list[str]) -> int:
             inputs["position_ids"] = positions(mask)
         return inputs
 
-    if "pixel_values" in gm.graftr_input_names:
-        raise GraftrError("adapters with an image input (vision:) hold the model alone; they cannot share a batch")
     dims = batch_dims(gm, first.modules, example)
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
-        index = graph.placeholder(INPUT)
+    index = add_graph_input(gm, INPUT)
     banked, banks = set(), {}
-    for node in list(graph.nodes):
+    for node in list(gm.graph.nodes):
         if node.op != "call_module" or node.target not in dims:
             continue
         batched_args, batched_out = dims[node.target]
@@ -160,13 +158,6 @@ def bank_adapters(gm, names: list[str]) -> int:
         banked.add(node)
     for record in records[1:]:
         remove(gm, record)
-    names_in = [*gm.graftr_input_names, INPUT]
-    from torch.utils._pytree import tree_structure
-
-    spec = tree_structure(((), {name: 0 for name in names_in}))
-    graph._codegen.pytree_info = graph._codegen.pytree_info._replace(orig_args=names_in, in_spec=spec)
-    gm._in_spec = spec
-    gm.graftr_input_names = names_in
     gm.recompile()
     return len(records)
 

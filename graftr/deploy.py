@@ -22,7 +22,6 @@ differ by more than 1e-4). The directory is written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -218,14 +217,6 @@ def prompt_template(recipe, tokenizer) -> dict | None:
     return {"before": before, "after": after, "add_special_tokens": special}
 
 
-def _file_entry(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def aot_compile(program, path: Path, console=None) -> None:
     """AOTInductor-compile ``program`` into the package ``path``, its constants left out of the package (the
     runtime loads model.pt2's)."""
@@ -297,9 +288,7 @@ def write_artifact(out: Path, gm, *, source, recipe, tokenizer, generation_confi
     if compile and programs["cache"] is None:
         raise DeployError(f"--compile compiles the KV-cache step, and this model has none: {programs['no_cache']}")
     exported = time.perf_counter() - start
-    eos = eos_ids(gm, tokenizer, generation_config) if tokenizer is not None else \
-        [e for e in ([gm.hf_config.eos_token_id] if isinstance(gm.hf_config.eos_token_id, int)
-                     else gm.hf_config.eos_token_id or [])]
+    eos = eos_ids(gm, tokenizer, generation_config) if programs["cache"] is not None else []  # a model that generates
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else \
         (eos[0] if eos else 0)
     manifest = {
@@ -327,7 +316,8 @@ def write_artifact(out: Path, gm, *, source, recipe, tokenizer, generation_confi
             tokenizer.save_pretrained(str(tmp))
         if generation_config is not None:
             generation_config.save_pretrained(str(tmp))
-        manifest["files"] = {p.name: _file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": runtime.sha256(p)}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         manifest["check"], scale = self_check(tmp, gm, bank, compiled=compile)
         tolerance = ABSOLUTE + RELATIVE.get(dtype, 2e-2) * scale
@@ -368,8 +358,10 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from graftr.console import console
     from graftr.formats.files import check_out
+    from graftr.generate import _generation_config
     from graftr.load import load_adapters
     from graftr.merge import refusal_before_loading
+    from graftr.models import stored_tokenizer
     from graftr.names import torch_dtype
 
     out = Path(args.out)
@@ -382,7 +374,7 @@ def main(args) -> int:
         from graftr.bank import bank_adapters
 
         bank = bank_adapters(gm, [names[a] for a in adapters])
-    tokenizer, generation_config = _tokenizer_and_generation(loaded.source)
+    tokenizer, generation_config = stored_tokenizer(loaded.source), _generation_config(loaded.source)
     from graftr.load import resolve_base
 
     base = resolve_base(args.model, adapters[0], weights=True, console=None, trust_code=args.trust_code)
@@ -415,14 +407,3 @@ def main(args) -> int:
     elif args.merge:
         raise DeployError("--merge: these adapters do not merge into the base weights (the artifact was written)")
     return 0
-
-
-def _tokenizer_and_generation(source):
-    from graftr.generate import _generation_config
-    from graftr.merge import _TOKENIZER_FILES
-    from graftr.models import load_tokenizer
-
-    tokenizer = None
-    if source.directory is not None and any((source.directory / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = load_tokenizer(source)
-    return tokenizer, _generation_config(source)

@@ -220,9 +220,10 @@ def template_prompts(prompts: list[str], recipe, tokenizer) -> tuple[list[str], 
 
 
 def eos_ids(gm, tokenizer, generation_config=None) -> list[int]:
-    """Every id that ends a sequence: the tokenizer's, the model config's and the generation config's."""
+    """Every id that ends a sequence: the tokenizer's (if there is one), the model config's and the generation
+    config's."""
     ids = []
-    for value in (tokenizer.eos_token_id, gm.hf_config.eos_token_id,
+    for value in (getattr(tokenizer, "eos_token_id", None), gm.hf_config.eos_token_id,
                   getattr(generation_config, "eos_token_id", None)):
         ids += value if isinstance(value, list) else [value] if value is not None else []
     if not ids:

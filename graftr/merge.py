@@ -28,9 +28,6 @@ from graftr.errors import ATTENTION_NOT_MERGEABLE, GraftrError, MergeError
 from graftr.load import Base, Loaded, add_trust_argument
 from graftr.names import DTYPES, torch_dtype
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
-
-
 def merge_into_hf(loaded: Loaded) -> nn.Module:
     """Merge ``loaded.gm``'s adapters and return ``loaded.model`` (the HF model) holding the merged weights."""
     gm, hf = loaded.gm, loaded.model
@@ -90,11 +87,9 @@ def refusal_before_loading(base: Base) -> str | None:
 def save_merged(hf: nn.Module, source, out: Path, dtype: torch.dtype, *, force: bool = False) -> None:
     """Write ``hf`` (cast to ``dtype``) with config, generation config and the source's tokenizer files."""
     from graftr.formats.files import write_dir_atomically
-    from graftr.models import load_tokenizer
+    from graftr.models import stored_tokenizer
 
-    tokenizer = None
-    if source.directory is not None and any((source.directory / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = load_tokenizer(source)
+    tokenizer = stored_tokenizer(source)
     hf.to(dtype)
 
     def write(tmp: Path) -> None:

@@ -337,6 +337,18 @@ def load_model(source: ModelSource, task: str | None = None, *, dtype: torch.dty
             f"cannot load the weights of {source.model_id} from {source.directory}: {_first_line(e)}") from e
 
 
+# files one of which a model directory with a tokenizer holds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def stored_tokenizer(source: ModelSource):
+    """The tokenizer stored next to the model, or None where the source has no tokenizer files (a config only, a
+    directory of weights)."""
+    if source.directory is None or not any((source.directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(source)
+
+
 def load_tokenizer(source: ModelSource):
     """The tokenizer stored next to the model; a config-only source has none."""
     if source.directory is None:

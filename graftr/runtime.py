@@ -52,7 +52,8 @@ class DeployError(Exception):
     """The artifact is missing, damaged or asked for something it cannot do (the reason is the message)."""
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (what the manifest records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -81,7 +82,7 @@ def read_manifest(directory: str | Path, *, verify: bool = False) -> dict:
         if file.stat().st_size != entry["bytes"]:
             raise DeployError(f"{directory} is damaged: {name} has {file.stat().st_size:,} bytes, the manifest says "
                               f"{entry['bytes']:,}")
-        if verify and _sha256(file) != entry["sha256"]:
+        if verify and sha256(file) != entry["sha256"]:
             raise DeployError(f"{directory} is damaged: {name} does not match its SHA-256 in the manifest")
     return manifest
 
@@ -256,17 +257,21 @@ class Deployed:
             self._tokenizer.enable_padding(direction="left", pad_id=self.manifest["pad_token_id"])
         return self._tokenizer
 
+    def encode(self, prompts: list[str], *, template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of ``prompts``, left-padded, wrapped in the adapter's training template as
+        ``graftr generate`` wraps them (``template=False``: as given)."""
+        wrap = self.manifest.get("template") if template else None
+        texts = [wrap["before"] + p + wrap["after"] for p in prompts] if wrap else list(prompts)
+        encoded = self.tokenizer().encode_batch(texts, add_special_tokens=wrap["add_special_tokens"] if wrap else True)
+        return (torch.tensor([e.ids for e in encoded], dtype=torch.long),
+                torch.tensor([e.attention_mask for e in encoded], dtype=torch.long))
+
     def generate_text(self, prompts: list[str], *, max_new_tokens: int = 128, template: bool = True,
                       adapter_index=None, pixel_values=None) -> list[str]:
         """Completions of ``prompts``, wrapped in the adapter's training template as ``graftr generate`` does
         (``template=False``: as given), decoded up to EOS without special tokens."""
         tokenizer = self.tokenizer()
-        wrap = self.manifest.get("template") if template else None
-        texts = [wrap["before"] + p + wrap["after"] for p in prompts] if wrap else list(prompts)
-        special = wrap["add_special_tokens"] if wrap else True
-        encoded = tokenizer.encode_batch(texts, add_special_tokens=special)
-        ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
+        ids, mask = self.encode(prompts, template=template)
         tokens = self.generate(ids, mask, max_new_tokens=max_new_tokens, adapter_index=adapter_index,
                                pixel_values=pixel_values)
         eos = set(self.manifest["eos_token_ids"])

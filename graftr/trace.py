@@ -264,6 +264,23 @@ def install_module(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
     return _install(gm, path, module)
 
 
+def add_graph_input(gm, name: str) -> fx.Node:
+    """A new keyword input ``name`` of ``gm``'s graph, after the others (the image of image-conditioned prompts, the
+    adapter index of a bank): its placeholder, the graph's call spec and ``gm.graftr_input_names``."""
+    from torch.utils._pytree import tree_structure
+
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(name)
+    names = [*gm.graftr_input_names, name]
+    spec = tree_structure(((), {n: 0 for n in names}))
+    graph._codegen.pytree_info = graph._codegen.pytree_info._replace(orig_args=names, in_spec=spec)
+    gm._in_spec = spec
+    gm.graftr_input_names = names
+    return node
+
+
 class NormalizeModes(GraphPass):
     """Make baked-in mode-dependent ops follow ``.train()``/``.eval()``: dropout → ``nn.Dropout``, SDPA → :class:`SDPA`
     (grouped-query SDPA reads the key/value heads without HF's ``repeat_kv`` copies)."""

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils._pytree import tree_structure
 
 from graftr.errors import GraftrError
 from graftr.passbase import GraphPass, PassResult
@@ -194,26 +193,17 @@ class VisionPass(GraphPass):
 def graft_vision(gm, config: VisionConfig) -> None:
     """Install :class:`VisionPrompt` at ``vision_prompt`` and add the ``pixel_values`` input and the node giving
     ``I_p``; the conditioned gated prompts read that node (:func:`visual_node`)."""
-    from graftr.trace import install_module
+    from graftr.trace import add_graph_input, install_module
 
     embed = gm.get_parameter(_embedding_weight(gm))
     dim = embed.shape[1]
     encoder = load_encoder(config.encoder, device=embed.device, dtype=embed.dtype)
     device = torch.device("cpu") if embed.device.type == "meta" else embed.device
     target = install_module(gm, TARGET, VisionPrompt(encoder, config, dim, device))
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
-        pixels = graph.placeholder(PIXELS)
-    with graph.inserting_after(pixels):
-        node = graph.call_module(target, (pixels,))
+    pixels = add_graph_input(gm, PIXELS)
+    with gm.graph.inserting_after(pixels):
+        node = gm.graph.call_module(target, (pixels,))
     node.meta["graftr_vision"] = True
-    names = [*gm.graftr_input_names, PIXELS]
-    spec = tree_structure(((), {name: 0 for name in names}))
-    codegen = graph._codegen
-    codegen.pytree_info = codegen.pytree_info._replace(orig_args=names, in_spec=spec)
-    gm._in_spec = spec
-    gm.graftr_input_names = names
 
 
 def with_absolute_encoder(recipe):

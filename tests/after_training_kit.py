@@ -39,16 +39,22 @@ def model_dir(path: Path, arch: str, task: str | None = None, **overrides):
     return model
 
 
-def randomize_and_save(gm, out: Path):
-    """Move every trainable tensor of ``gm`` away from its init (seeded), save the adapter to ``out``; ``gm`` in eval."""
-    from graftr import save_adapter
-
-    torch.manual_seed(0)
+def randomize(gm, seed: int = 0):
+    """Move every trainable tensor of ``gm`` away from its init (seeded); ``gm`` in eval."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in gm.adapter_state_dict().values():
             p.add_(torch.randn_like(p) * 0.3)
-    save_adapter(gm, out)
     return gm.eval()
+
+
+def randomize_and_save(gm, out: Path):
+    """:func:`randomize` (seed 0), then save the adapter to ``out``."""
+    from graftr import save_adapter
+
+    randomize(gm)
+    save_adapter(gm, out)
+    return gm
 
 
 def cli_error(capsys, argv: list[str]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from after_training_kit import cli_error, model_dir, tokenizer
+from after_training_kit import cli_error, model_dir, randomize, tokenizer
 
 from graftr import cli, graft, save_adapter
 from graftr.generate import generate_ids, generate_text, positions
@@ -79,14 +79,6 @@ READER = BLOCK + textwrap.dedent("""
 """)
 
 
-def _randomize(gm, seed: int):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in gm.adapter_state_dict().values():
-            p.add_(torch.randn_like(p) * 0.3)
-    return gm.eval()
-
-
 def _inputs(vocab: int, batch: int = 3):
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(1000, vocab, (batch, 8), generator=gen)
@@ -108,7 +100,7 @@ def deployed(tmp_path_factory):
         count = BANKS.get(kind, 1)
         names = []
         for i in range(count):
-            gm = _randomize(graft(model, parse_recipe(recipe), model_id=str(root / "base")), seed=i)
+            gm = randomize(graft(model, parse_recipe(recipe), model_id=str(root / "base")), seed=i)
             save_adapter(gm, root / f"{kind}{i}")
             names.append(str(root / f"{kind}{i}"))
         out = root / f"{kind}-deployed"
@@ -158,7 +150,7 @@ ALPACA = KINDS["gated_prompt"] + "train: {lr: 1.0e-3, max_steps: 1, data: {forma
 def alpaca(tmp_path_factory):
     root = tmp_path_factory.mktemp("alpaca")
     model = model_dir(root / "base", "llama")
-    gm = _randomize(graft(model, parse_recipe(ALPACA), model_id=str(root / "base")), seed=3)
+    gm = randomize(graft(model, parse_recipe(ALPACA), model_id=str(root / "base")), seed=3)
     save_adapter(gm, root / "adapter")
     assert cli.main(["deploy", str(root / "adapter"), "--out", str(root / "dep"), "--max-length", "48"]) == 0
     return root, gm
@@ -233,7 +225,7 @@ def test_deploy_refusals(alpaca, tmp_path, capsys):
         capsys, ["deploy", str(root / "adapter"), "--out", str(tmp_path / "x"), "--max-length", "4096"])
     assert not (tmp_path / "x").exists()
     # adapters of different structures cannot share a batch
-    other = _randomize(graft(model_dir(tmp_path / "b2", "llama"), parse_recipe(KINDS["ia3"]),
+    other = randomize(graft(model_dir(tmp_path / "b2", "llama"), parse_recipe(KINDS["ia3"]),
                              model_id=str(root / "base")), seed=1)
     save_adapter(other, tmp_path / "ia3")
     assert "cannot share a batch" in cli_error(
@@ -248,7 +240,7 @@ def test_deploy_refusals(alpaca, tmp_path, capsys):
 
 def test_a_mergeable_adapter_is_merged_on_request(tmp_path, capsys):
     model = model_dir(tmp_path / "base", "llama")
-    gm = _randomize(graft(model, parse_recipe(KINDS["ia3"]), model_id=str(tmp_path / "base")), seed=0)
+    gm = randomize(graft(model, parse_recipe(KINDS["ia3"]), model_id=str(tmp_path / "base")), seed=0)
     save_adapter(gm, tmp_path / "adapter")
     assert cli.main(["deploy", str(tmp_path / "adapter"), "--out", str(tmp_path / "dep"), "--merge"]) == 0
     out = capsys.readouterr().out
@@ -260,7 +252,7 @@ def test_a_mergeable_adapter_is_merged_on_request(tmp_path, capsys):
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - gm(input_ids=ids).logits).abs().max() <= 1e-4
     # not mergeable: the artifact is written, --merge refused with the reason
-    prompts = _randomize(graft(model, parse_recipe(KINDS["gated_prompt"]), model_id=str(tmp_path / "base")), 1)
+    prompts = randomize(graft(model, parse_recipe(KINDS["gated_prompt"]), model_id=str(tmp_path / "base")), 1)
     save_adapter(prompts, tmp_path / "gp")
     assert "do not merge" in cli_error(capsys, ["deploy", str(tmp_path / "gp"), "--out", str(tmp_path / "dep2"),
                                                 "--merge"])
@@ -271,7 +263,7 @@ def test_a_model_without_kv_cache_gets_the_logits_program(tmp_path, capsys):
     model = model_dir(tmp_path / "base", "bert", "seq_cls", num_labels=3)
     recipe = "task: seq_cls\nnum_labels: 3\ntrainable_modules: [classifier]\n" + RULE.format(
         match="{op: linear, layers: {last: 1}}", adapter="{kind: ia3}")
-    gm = _randomize(graft(model, parse_recipe(recipe), model_id=str(tmp_path / "base")), seed=0)
+    gm = randomize(graft(model, parse_recipe(recipe), model_id=str(tmp_path / "base")), seed=0)
     save_adapter(gm, tmp_path / "adapter")
     assert cli.main(["deploy", str(tmp_path / "adapter"), "--out", str(tmp_path / "dep")]) == 0
     assert "no step program" in capsys.readouterr().out
@@ -303,8 +295,8 @@ SWAP_READER = BLOCK + textwrap.dedent("""
 def test_compiled_steps_equal_the_eager_ones_and_swap_adapters_without_recompiling(tmp_path):
     model = model_dir(tmp_path / "base", "llama")
     recipe = parse_recipe(KINDS["ina"])
-    first = _randomize(graft(model, recipe, model_id=str(tmp_path / "base")), seed=0)
-    second = _randomize(graft(model, recipe, model_id=str(tmp_path / "base")), seed=1)
+    first = randomize(graft(model, recipe, model_id=str(tmp_path / "base")), seed=0)
+    second = randomize(graft(model, recipe, model_id=str(tmp_path / "base")), seed=1)
     save_adapter(first, tmp_path / "first")
     assert cli.main(["deploy", str(tmp_path / "first"), "--out", str(tmp_path / "dep"), "--max-batch", "4",
                      "--max-length", "32", "--compile"]) == 0
@@ -364,7 +356,7 @@ rules:
     adapter: {{kind: gated_prompt, length: 3, condition: image}}
 """)
     model = model_dir(tmp_path / "base", "llama")
-    gm = _randomize(graft(model, recipe, model_id=str(tmp_path / "base")), seed=0)
+    gm = randomize(graft(model, recipe, model_id=str(tmp_path / "base")), seed=0)
     save_adapter(gm, tmp_path / "adapter")
     assert cli.main(["deploy", str(tmp_path / "adapter"), "--out", str(tmp_path / "dep"), "--max-batch", "4",
                      "--max-length", "32"]) == 0

@@ -80,10 +80,7 @@ def perturbed_copies(adapter: Path, work: Path, count: int) -> list[Path]:
 
 def prompts(runtime_model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [json.loads(line) for line in (REPO / "data/sentiment_instruct/validation.jsonl").read_text().splitlines()]
-    wrap = runtime_model.manifest["template"] or {"before": "", "after": "", "add_special_tokens": True}
-    texts = [wrap["before"] + r["messages"][0]["content"] + wrap["after"] for r in rows[:count]]
-    encoded = runtime_model.tokenizer().encode_batch(texts, add_special_tokens=wrap["add_special_tokens"])
-    return (torch.tensor([e.ids for e in encoded]), torch.tensor([e.attention_mask for e in encoded]))
+    return runtime_model.encode([r["messages"][0]["content"] for r in rows[:count]])
 
 
 def main() -> int:
