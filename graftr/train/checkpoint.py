@@ -35,7 +35,6 @@ Write failures
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import random
@@ -48,6 +47,7 @@ import torch
 
 from graftr.errors import GraftrError, free_space, write_failure
 from graftr.formats.files import write_text_atomically
+from graftr.runtime import sha256
 
 LATEST = "latest"
 META = "graftr.json"
@@ -143,14 +143,9 @@ def latest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _listing(directory: Path) -> dict[str, dict]:
     """Every file under ``directory`` but graftr.json: relative path → size and SHA-256."""
-    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256(p)}
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != META}
 
 
@@ -174,7 +169,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if not isinstance(entry, dict) or file.stat().st_size != entry.get("size"):
             return f"{name} is damaged (its size differs from the one saved)"
-        if _sha256(file) != entry.get("sha256"):
+        if sha256(file) != entry.get("sha256"):
             return f"{name} is damaged (its content differs from the one saved)"
     allowed = set(ALLOWED_GLOBALS)
     for name in sorted(listed):
