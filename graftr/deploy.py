@@ -35,6 +35,7 @@ from torch.export import Dim
 from graftr import runtime
 from graftr.cache import ExplicitKV, cached_sites, enable_kv_cache, kv_cache_support, kv_groups
 from graftr.errors import GraftrError
+from graftr.generate import positions
 
 # the self-check accepts max |logits(program) - logits(grafted model)| up to ABSOLUTE + RELATIVE[dtype] × max |logits|:
 # compiled kernels sum in another order (SmolLM2 fp32, AOTInductor: 1.2e-4 on logits of magnitude ~30)
@@ -161,8 +162,7 @@ def export_programs(gm, *, max_batch: int, max_length: int, bank: int | None = N
     enable_kv_cache(gm)
     sites = cached_sites(gm)
     mask = torch.ones_like(ids)
-    probe = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1),
-             **dict(zip(extra, extras))}
+    probe = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), **dict(zip(extra, extras))}
     shapes = kv_groups(gm, sites, probe)
     dtype = next(p for p in gm.parameters() if p.is_floating_point()).dtype
     weights = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
@@ -173,8 +173,8 @@ def export_programs(gm, *, max_batch: int, max_length: int, bank: int | None = N
         for compiled in (False, True) if compile else (False,):
             program = (CompiledStepProgram if compiled else StepProgram)(gm, extra, groups)
             step_ids = ids[:, :1].expand(-1, width).clone()
-            args = (step_ids, torch.ones_like(step_ids), torch.ones(batch, 2, dtype=torch.long, device=device), keys, [k.clone() for k in keys],
-                    *extras)
+            past_mask = torch.ones(batch, 2, dtype=torch.long, device=device)
+            args = (step_ids, torch.ones_like(step_ids), past_mask, keys, [k.clone() for k in keys], *extras)
             shapes_ = ({0: batch_dim, 1: dim}, {0: batch_dim, 1: dim}, {0: batch_dim, 1: past},
                        [{0: batch_dim, 2: past}] * len(keys), [{0: batch_dim, 2: past}] * len(keys),
                        *_extra_dims(extra, batch_dim))
@@ -246,19 +246,17 @@ def _check_loaded(deployed, gm, bank: int | None) -> tuple[float, float]:
     seeded = torch.Generator().manual_seed(0)  # the same check on every run
     ids = torch.randint(3, gm.hf_config.vocab_size, (batch, 5), generator=seeded)
     extras = dict(zip(extra, example_extra(gm, extra, batch, bank)))
-    kwargs = {"adapter_index": extras.get("adapter_index"), "pixel_values": extras.get("pixel_values")}
+    kwargs = {name: extras.get(name) for name in EXTRA_INPUTS}  # Deployed's keywords
     with torch.no_grad():
         if deployed.cache is not None:
             mask = torch.ones_like(ids)
             mask[0, :2] = 0  # a left-padded row
-            got, _ = deployed.step(ids, mask, **kwargs)
-            from graftr.generate import positions
-
+            got, cache = deployed.step(ids, mask, **kwargs)
             want = gm(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **extras).logits
             worst, scale = float((got - want)[mask.bool()].abs().max()), float(want[mask.bool()].abs().max())
             # and one decode step, against the whole sequence recomputed
             token = torch.randint(3, gm.hf_config.vocab_size, (batch, 1), generator=seeded)
-            got, _ = deployed.step(token, torch.ones_like(token), _, **kwargs)
+            got, _ = deployed.step(token, torch.ones_like(token), cache, **kwargs)
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
             want = gm(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **extras).logits[:, -1]
             return max(worst, float((got[:, -1] - want).abs().max())), max(scale, float(want.abs().max()))
@@ -360,7 +358,7 @@ def main(args) -> int:
     from graftr.formats.files import check_out
     from graftr.generate import _generation_config
     from graftr.load import load_adapters
-    from graftr.merge import refusal_before_loading
+    from graftr.merge import merge_refusal
     from graftr.models import stored_tokenizer
     from graftr.names import torch_dtype
 
@@ -375,10 +373,7 @@ def main(args) -> int:
 
         bank = bank_adapters(gm, [names[a] for a in adapters])
     tokenizer, generation_config = stored_tokenizer(loaded.source), _generation_config(loaded.source)
-    from graftr.load import resolve_base
-
-    base = resolve_base(args.model, adapters[0], weights=True, console=None, trust_code=args.trust_code)
-    mergeable = refusal_before_loading(base) is None and bank is None
+    unmerged = "several adapters cannot become one set of weights" if bank is not None else merge_refusal(gm)
     manifest = write_artifact(
         out, gm, source=loaded.source, recipe=gm.recipes.get(names[adapters[0]]), tokenizer=tokenizer,
         generation_config=generation_config, max_batch=args.max_batch,
@@ -394,7 +389,7 @@ def main(args) -> int:
     if manifest["no_cache"]:
         console.print(f"[yellow]note:[/] no step program (KV cache): {manifest['no_cache']}", highlight=False)
     console.print(f"run it without graftr: python {out}/graftr_runtime.py {out} --prompt '...'", highlight=False)
-    if mergeable:
+    if unmerged is None:
         if args.merge:
             from graftr.merge import merge_into_hf, save_merged
 
@@ -405,5 +400,6 @@ def main(args) -> int:
             console.print("[dim]this adapter merges exactly: graftr merge (or --merge) writes a plain HF checkpoint "
                           "that vLLM, SGLang and llama.cpp serve[/]")
     elif args.merge:
-        raise DeployError("--merge: these adapters do not merge into the base weights (the artifact was written)")
+        raise DeployError(f"--merge: these adapters do not merge into the base weights ({unmerged}); the artifact "
+                          "was written")
     return 0

@@ -55,6 +55,18 @@ def merge_into_hf(loaded: Loaded) -> nn.Module:
     return hf
 
 
+def merge_refusal(gm) -> str | None:
+    """Why :meth:`GraftedModel.merge_` would refuse the loaded ``gm`` (its first site that cannot be merged, one
+    line), else None; changes nothing (the check :class:`graftr.grafted.MergeAdapters` runs before merging)."""
+    from graftr.grafted import MergeAdapters
+
+    try:
+        MergeAdapters().requires(gm)
+    except MergeError as e:
+        return str(e)
+    return None
+
+
 def refusal_before_loading(base: Base) -> str | None:
     """Why the adapter that ``base`` was resolved for cannot be merged, as far as its recipe (or PEFT config) tells,
     else None: ``graftr merge`` refuses before it reads gigabytes of base weights for nothing.

@@ -102,12 +102,13 @@ class Deployed:
         self.manifest = manifest = read_manifest(self.directory, verify=verify)
         self.program = _load_program(self.directory / "model.pt2")
         self.model = self.program.module()
+        self.stored = {**self.program.state_dict, **self.program.constants}  # model.pt2's tensors, by name
         self.bank = manifest.get("bank")
         self.cache = manifest.get("cache")
         self._tokenizer = None
         self._runners = []  # the AOTInductor packages, when compiled
         if self.cache is not None:
-            stored = {**self.program.state_dict, **self.program.constants}
+            stored = self.stored
             missing = [n for n in self.cache["weights"] if "model." + n not in stored]
             if missing:
                 raise DeployError(f"{self.directory} is damaged: model.pt2 lacks {len(missing)} weights the step "
@@ -149,7 +150,7 @@ class Deployed:
     def replace(self, tensors: dict[str, torch.Tensor]) -> None:
         """Use ``tensors`` (names as in the adapter's ``adapter.safetensors``, e.g. another training run of the same
         recipe) in place of the artifact's: every program, the compiled ones included (no recompilation)."""
-        stored = {**self.program.state_dict, **self.program.constants}
+        stored = self.stored
         unknown = [n for n in tensors if "model." + n not in stored]
         if unknown:
             raise DeployError(f"{unknown[0]} is not a tensor of this model ({len(unknown)} unknown names)")

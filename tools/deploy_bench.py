@@ -107,16 +107,13 @@ def main() -> int:
 
     from graftr.generate import generate_ids
     from graftr.load import load_adapters
-    from graftr.merge import merge_into_hf, refusal_before_loading
+    from graftr.merge import merge_into_hf, merge_refusal
 
     exported = graftr_runtime.load(args.work / "single")
     compiled = graftr_runtime.load(args.work / "single", compiled=True)
     loaded, _ = load_adapters(args.model, [str(args.adapter)])
     gm = loaded.gm.eval()
-    from graftr.load import resolve_base
-
-    mergeable = refusal_before_loading(resolve_base(args.model, str(args.adapter), weights=True)) is None
-    if mergeable:
+    if merge_refusal(gm) is None:
         hf_model, hf_what = merge_into_hf(load_adapters(args.model, [str(args.adapter)])[0]).eval(), "merged model"
     else:
         hf_model, hf_what = loaded.model.eval(), "base model (the adapter does not merge)"

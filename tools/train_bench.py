@@ -118,6 +118,18 @@ def _peft_model(args, data):
     return get_peft_model(model, get_peft_config(config))
 
 
+def plain_step(model, batch: dict, optimizer, clip: list | None = None) -> None:
+    """Forward (the mean loss over the batch's labels), backward, [clip ``clip``'s gradients to norm 1], AdamW step:
+    the graph step, and the plain PEFT loop with ``clip``."""
+    import torch
+
+    model(**batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum()).loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def worker(args) -> dict:
     import torch
 
@@ -140,15 +152,10 @@ def worker(args) -> dict:
         times = _trainer(model, steps, lr, args)
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        clip = params if args.variant == "peft loop" else None
         for batch in steps:
-            count = (batch["labels"][:, 1:] != -100).sum()
             t0 = time.perf_counter()
-            loss = model(**batch, num_items_in_batch=count).loss
-            loss.backward()
-            if args.variant == "peft loop":
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            plain_step(model, batch, optimizer, clip)
             times.append(time.perf_counter() - t0)
     return {"step_times": times, "tokens": tokens, "trainable": sum(p.numel() for p in params)}
 
@@ -175,11 +182,6 @@ def in_process(args) -> list[tuple[str, float]]:
     steps = _micro_batches(run, data, batches, args.steps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=METHODS[args.method][2])
 
-    def graph_step(batch):
-        model(**batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum()).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     engine = None
 
     def graftr_step(batch):
@@ -200,7 +202,10 @@ def in_process(args) -> list[tuple[str, float]]:
         times = []
         for batch in steps:
             t0 = time.perf_counter()
-            (graftr_step if what.startswith("graftr") else graph_step)(batch)
+            if what.startswith("graftr"):
+                graftr_step(batch)
+            else:
+                plain_step(model, batch, optimizer)
             times.append(time.perf_counter() - t0)
         if threads is not None:
             threads[0].stop()
